@@ -1,0 +1,361 @@
+"""The Python API every front-end calls: train, resume, branch, generate.
+
+A front-end (CLI, magics, widgets) parses user input into keyword options and passes
+`listeners` to see events; nothing here prints or knows which front-end is calling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .config import (
+    MODEL_ALIASES,
+    MODEL_FIELDS,
+    TRAIN_FIELDS,
+    TRAJECTORY_FIELDS,
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    config_to_dict,
+    parse_duration,
+    resolve,
+)
+from .data import build_dataset, tokenizer_for
+from .model import MiniMind
+from .schedule import Plan
+from .store import Run, Store, StoreError
+from .tokenizer import Tokenizer
+from .train import Event, Trainer, plan_for
+
+Listener = Callable[[Event], None]
+
+# Options a plain resume may change: they do not alter the trajectory, only this session.
+SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+# Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
+DATA_FIELDS = ("data", "tokenizer", "max_seq_len", "batch_size", "accum")
+
+
+def _store(store: Store | str | None) -> Store:
+    return store if isinstance(store, Store) else Store(store)
+
+
+def _normalise(options: dict[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in options.items() if v is not None}
+    if "time_budget" in options:
+        options["time_budget"] = parse_duration(options["time_budget"])
+    return options
+
+
+def train(
+    run: str | None = None,
+    *,
+    store: Store | str | None = None,
+    listeners: Iterable[Listener] = (),
+    device: str = "cpu",
+    start: bool = True,
+    **options: Any,
+) -> Run:
+    """Start a new run named `run` (auto-named when None) and train it.
+
+    `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
+    With `start=False` the run is created and its step-0 checkpoint written, but not trained.
+    """
+    store = _store(store)
+    options = _normalise(options)
+    preset = options.pop("preset", "tiny")
+    model_cfg, train_cfg = resolve(preset, **options)
+    tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+    if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+        # A given tokenizer decides the vocabulary; the embedding follows it.
+        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    handle = store.create_run(
+        run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+    )
+    handle.open_writer()
+    _attach(handle, trainer, listeners)
+    trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
+    return _fit(handle, trainer) if start else _release(handle)
+
+
+def resume(
+    run: str | None = None,
+    *,
+    store: Store | str | None = None,
+    step: int | None = None,
+    epochs: int | None = None,
+    more_epochs: int | None = None,
+    name: str | None = None,
+    listeners: Iterable[Listener] = (),
+    device: str = "cpu",
+    **options: Any,
+) -> Run:
+    """Continue `run` (the newest run when None) from the store alone.
+
+    `epochs`/`more_epochs` extend the plan. A WSD run already past its decay start is extended
+    from its decay-start checkpoint into a new run (`name`, default `<run>-<E>ep`), which
+    equals a run planned that long from the start; a cosine run is re-planned from its current
+    step and the result differs from one planned that long (a `notice` event says so).
+    Only session options (stop_at, time_budget, save_every, …) may be given.
+    """
+    store = _store(store)
+    handle = store.run(run) if run is not None else store.newest()
+    options = _normalise(options)
+    for key in options:
+        if key not in SESSION_FIELDS:
+            what = "defines the run's trajectory" if key in TRAJECTORY_FIELDS else "is not a session option"
+            raise ValueError(f"{key} {what}; change it on a branch (mmnb branch), not on resume")
+    if epochs is not None and more_epochs is not None:
+        raise ValueError("give epochs or more_epochs, not both")
+    for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{label} must be positive, got {value}")
+    model_cfg, train_cfg = config_from_dict(handle.config_dict())
+    train_cfg = dataclasses.replace(train_cfg, **options)
+    handle.open_writer()
+    try:
+        trainer = _restore(handle, handle.load(step), model_cfg, train_cfg, device)
+    except BaseException:
+        handle.close_writer()
+        raise
+    if epochs is None and more_epochs is None:
+        _attach(handle, trainer, listeners)
+        return _fit(handle, trainer)
+
+    # ---- extension: a longer plan ----
+    notices: list[str] = []
+    old = trainer.plan
+    new_epochs = epochs if epochs is not None else train_cfg.epochs + more_epochs
+    extended = dataclasses.replace(train_cfg, epochs=new_epochs, max_steps=None)
+    if train_cfg.max_steps is not None:
+        spe = trainer.steps_per_epoch
+        extra = (new_epochs - train_cfg.epochs) * spe
+        extended = dataclasses.replace(train_cfg, epochs=new_epochs, max_steps=train_cfg.max_steps + extra)
+    new_plan = plan_for(extended, trainer.steps_per_epoch, start=old.start)
+    if new_plan.end <= trainer.step:
+        handle.close_writer()
+        raise ValueError(
+            f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} epochs "
+            f"({new_plan.end} steps) does not extend it"
+        )
+    if old.kind == "wsd" and trainer.step > old.decay_start:
+        # The decayed steps depend on the old horizon: continue from the decay start instead,
+        # in a new run, so the decayed run stays as its own leaf.
+        handle.close_writer()
+        base = re.sub(r"-\d+ep$", "", handle.name)  # one-2ep extends to one-3ep
+        new_name = name or f"{base}-{new_epochs}ep"
+        return _branch(
+            store, handle, old.decay_start, new_name, model_cfg, extended, listeners, device
+        )
+    if old.kind in ("cosine", "minimind") and trainer.step > old.start + old.warmup:
+        lr_now = old.lr_at(trainer.step)
+        floor = old.lr * (0.1 if old.kind == "minimind" else old.min_ratio)
+        new_plan = Plan(
+            kind="cosine",
+            lr=lr_now,
+            total=new_plan.end - trainer.step,
+            start=trainer.step,
+            min_ratio=floor / lr_now if lr_now > 0 else 1.0,
+        )
+        notices.append(
+            f"cosine schedule re-planned from step {trainer.step} (lr {lr_now:.3g} → {floor:.3g} "
+            f"at step {new_plan.end}); this differs from a run planned for {new_epochs} epochs "
+            "from the start — use --schedule wsd for exactly extendable runs"
+        )
+    trainer.config = extended
+    trainer.plan = new_plan
+    history = handle.info().get("history", [])
+    history.append({"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()})
+    handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
+    _attach(handle, trainer, listeners)
+    for text in notices:
+        trainer.emit("notice", text=text)
+    return _fit(handle, trainer)
+
+
+def branch(
+    run: str,
+    step: int | None = None,
+    name: str | None = None,
+    *,
+    store: Store | str | None = None,
+    listeners: Iterable[Listener] = (),
+    device: str = "cpu",
+    start: bool = True,
+    **overrides: Any,
+) -> Run:
+    """A new run whose parent is (`run`, `step`), sharing the parent's history up to `step`.
+
+    `overrides` may change any training field (lr, epochs, schedule, batch_size, data, …) and
+    dropout; a change to data, tokenizer, max_seq_len, batch_size or accum starts a new stage
+    (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
+    """
+    store = _store(store)
+    parent = store.run(run)
+    if step is None:
+        latest = parent.latest()
+        if latest is None:
+            raise StoreError(f"run {run!r} has no checkpoint to branch from")
+        step = latest.step
+    parent.step_info(step)
+    overrides = {MODEL_ALIASES.get(k, k): v for k, v in _normalise(overrides).items()}
+    model_cfg, train_cfg = config_from_dict(parent.config_dict())
+    model_kw = {k: overrides.pop(k) for k in list(overrides) if k in MODEL_FIELDS}
+    for key, value in model_kw.items():
+        if key != "dropout" and value != getattr(model_cfg, key):
+            raise ValueError(f"{key} changes the model's shape; a branch keeps the parent's weights")
+    unknown = [k for k in overrides if k not in TRAIN_FIELDS or k == "preset"]
+    if unknown:
+        raise ValueError(f"unknown branch option {unknown[0]!r}")
+    if "epochs" in overrides and "max_steps" not in overrides:
+        overrides["max_steps"] = None  # a horizon given in epochs replaces one given in steps
+    new_model = dataclasses.replace(model_cfg, **model_kw)
+    new_train = dataclasses.replace(train_cfg, **overrides)
+    new_model.validate()
+    new_train.validate()
+    return _branch(store, parent, step, name, new_model, new_train, listeners, device, start)
+
+
+def _branch(
+    store: Store,
+    parent: Run,
+    step: int,
+    name: str | None,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    listeners: Iterable[Listener],
+    device: str,
+    start: bool = True,
+) -> Run:
+    _, parent_train = config_from_dict(parent.config_dict())
+    new_stage = any(getattr(train_cfg, k) != getattr(parent_train, k) for k in DATA_FIELDS)
+    tokenizer_json = parent.tokenizer_json()
+    if train_cfg.tokenizer and train_cfg.tokenizer != parent_train.tokenizer:
+        tokenizer = Tokenizer.from_file(train_cfg.tokenizer)
+        if tokenizer.vocab_size != model_cfg.vocab_size:
+            raise ValueError(
+                f"tokenizer {train_cfg.tokenizer} has {tokenizer.vocab_size} tokens; the model "
+                f"has {model_cfg.vocab_size}"
+            )
+        tokenizer_json = tokenizer.to_json()
+    handle = store.create_run(
+        name or store.new_name(f"{parent.name}-b"),
+        config_to_dict(model_cfg, train_cfg),
+        tokenizer_json,
+        parent=(parent.name, step),
+        stage={"start": step, "reset_data": new_stage},
+    )
+    handle.open_writer()
+    try:
+        trainer = _restore(handle, handle.load(step), model_cfg, train_cfg, device)
+    except BaseException:
+        handle.close_writer()
+        raise
+    _attach(handle, trainer, listeners)
+    return _fit(handle, trainer) if start else _release(handle)
+
+
+def _restore(
+    handle: Run, state: dict[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig, device: str
+) -> Trainer:
+    """A Trainer holding `state`, for `handle`'s config (a branch point gets the branch's plan)."""
+    tokenizer = Tokenizer.from_json(handle.tokenizer_json())
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    trainer.load_state_dict(state)
+    info = handle.info()
+    stage = info.get("stage", {"start": 0, "reset_data": False})
+    at_branch_point = info.get("parent") is not None and trainer.step == stage["start"]
+    if at_branch_point:
+        # The inherited checkpoint holds the parent's plan and data position; this run's own
+        # follow from its config, deterministically.
+        if stage["reset_data"]:
+            trainer.epoch, trainer.position = 0, 0
+            trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=stage["start"])
+        else:
+            # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
+            trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
+    elif state["data"]["fingerprint"] != dataset.fingerprint:
+        raise StoreError(
+            f"the data of run {handle.name!r} ({train_cfg.data or 'bundled corpus'}) changed "
+            "since the checkpoint was written; restore it or branch with --data"
+        )
+    return trainer
+
+
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+    handle.trainer = trainer
+    trainer.listeners.extend(listeners)
+    cfg = trainer.config
+
+    def save(t: Trainer, reasons: list[str]) -> Any:
+        info = handle.commit(t.state_dict(), reasons)
+        protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
+        handle.prune(cfg.keep_last, cfg.keep_every, protect)
+        return info
+
+    trainer.saver = save
+
+
+def _fit(handle: Run, trainer: Trainer) -> Run:
+    try:
+        trainer.fit()
+    finally:
+        handle.close_writer()
+    return handle
+
+
+def _release(handle: Run) -> Run:
+    handle.close_writer()
+    return handle
+
+
+def load_model(run: Run, step: int | None = None) -> tuple[MiniMind, Tokenizer]:
+    """The model (eval mode) and tokenizer of a checkpoint, reading only the weights."""
+    model_cfg, _ = config_from_dict(run.config_dict())
+    state = run.load(step, groups=("model",))
+    with torch.device("meta"):
+        model = MiniMind(model_cfg)
+    model.load_state_dict(state["model"], assign=True)
+    model.lm_head.weight = model.model.embed_tokens.weight  # assign=True unties; tie again
+    model.eval()
+    return model, Tokenizer.from_json(run.tokenizer_json())
+
+
+def generate(
+    model: MiniMind,
+    tokenizer: Tokenizer,
+    prompt: str = "",
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = 0,
+    chat: bool = False,
+) -> str:
+    """Continue `prompt` (or answer it as a user message with `chat`); return the new text."""
+    if chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
+    else:
+        text = tokenizer.decode([tokenizer.bos_id]) + prompt
+    ids = torch.tensor([tokenizer.encode(text)], dtype=torch.long)
+    out = model.generate(
+        ids,
+        max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        eos_token_id=tokenizer.eos_id,
+        seed=seed,
+    )
+    new = out[0, ids.shape[1] :].tolist()
+    if tokenizer.eos_id in new:
+        new = new[: new.index(tokenizer.eos_id)]
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,88 @@
+"""The user-facing options, declared once for the CLI and the magics (both are argparse).
+
+Each option's `dest` is the config field or API keyword it sets; help text comes from here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .config import PRESETS, SCHEDULES
+
+Option = tuple[tuple[str, ...], dict[str, Any]]
+
+
+def _opt(*flags: str, **kwargs: Any) -> Option:
+    kwargs.setdefault("default", None)
+    return flags, kwargs
+
+
+# Options of `mmnb train` / `%train` that describe the run (config fields).
+RUN_OPTIONS: list[Option] = [
+    _opt("--preset", choices=list(PRESETS), help="model preset (default tiny)"),
+    _opt("--data", help="pretrain/SFT .jsonl, .txt file or folder (default: bundled corpus; 'chat' = bundled chat set)"),
+    _opt("--tokenizer", help="tokenizer.json to use (default: train one on the data)"),
+    _opt("--epochs", type=int, help="planned epochs (default 1)"),
+    _opt("--max-steps", type=int, help="planned optimizer steps (overrides --epochs)"),
+    _opt("--batch-size", type=int, help="samples per micro-batch"),
+    _opt("--accum", type=int, help="gradient-accumulation steps per optimizer step"),
+    _opt("--lr", type=float, help="peak learning rate"),
+    _opt("--schedule", choices=list(SCHEDULES), help="lr schedule (default wsd: extendable)"),
+    _opt("--warmup", type=int, help="linear warmup steps"),
+    _opt("--decay-fraction", type=float, help="wsd: fraction of steps spent decaying (0.2)"),
+    _opt("--decay-shape", choices=["linear", "1-sqrt"], help="wsd decay shape"),
+    _opt("--min-lr-ratio", type=float, help="final lr / peak lr for cosine and wsd (0.1)"),
+    _opt("--weight-decay", type=float, help="AdamW weight decay"),
+    _opt("--beta1", type=float, help="AdamW beta1"),
+    _opt("--beta2", type=float, help="AdamW beta2"),
+    _opt("--grad-clip", type=float, help="max grad norm (0 = no clipping)"),
+    _opt("--seed", type=int, help="seed of init, data order and dropout (default 1337)"),
+    _opt("--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"),
+    _opt("--dropout", type=float, help="dropout probability"),
+    _opt("--max-seq-len", type=int, help="tokens per sample"),
+    _opt("--vocab-size", type=int, help="vocabulary size of a trained tokenizer"),
+    _opt("--hidden-size", type=int, help="model width"),
+    _opt("--layers", type=int, help="decoder blocks"),
+    _opt("--heads", type=int, help="attention heads"),
+    _opt("--kv-heads", type=int, help="key/value heads (GQA)"),
+    _opt("--intermediate-size", type=int, help="SwiGLU width"),
+    _opt("--qk-norm", action=argparse.BooleanOptionalAction, help="RMSNorm on q/k per head"),
+    _opt("--moe", action=argparse.BooleanOptionalAction, help="mixture-of-experts MLPs"),
+    _opt("--experts", type=int, help="experts per MoE layer"),
+    _opt("--top-k", type=int, help="experts per token"),
+]
+
+# Options that only shape this session (allowed on a plain resume too).
+SESSION_OPTIONS: list[Option] = [
+    _opt("--save-every", type=int, help="checkpoint every K optimizer steps"),
+    _opt("--stop-at", type=int, help="stop with a checkpoint after this step (the plan is kept)"),
+    _opt("--time-budget", help="stop with a checkpoint after this long, e.g. 90s, 30m, 2h"),
+    _opt("--keep-last", type=int, help="retention: keep the newest N checkpoints"),
+    _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
+    _opt("--log-every", type=int, help="steps between progress updates"),
+]
+
+COMMON_OPTIONS: list[Option] = [
+    _opt("--store", help="store folder (default $MMNB_STORE or ./mmnb-runs)"),
+    _opt("--device", help="torch device (default cpu)"),
+]
+
+
+def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
+    for flags, kwargs in options:
+        parser.add_argument(*flags, **kwargs)
+
+
+def dests(options: list[Option]) -> list[str]:
+    return [flags[0].lstrip("-").replace("-", "_") for flags, _ in options]
+
+
+def collect(args: argparse.Namespace, options: list[Option]) -> dict[str, Any]:
+    """The given (non-None) option values of `options`, keyed by their dest."""
+    values = {}
+    for dest in dests(options):
+        value = getattr(args, dest, None)
+        if value is not None:
+            values[dest] = value
+    return values

@@ -1,0 +1,69 @@
+"""Console rendering of trainer events: a tqdm bar with loss and tokens/s.
+
+The trainer only emits events; this listener turns them into a bar on a terminal. It keeps no
+reference to the trainer, so it cannot change what is trained.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO, Any
+
+from tqdm.auto import tqdm
+
+from .train import Event
+
+
+class ConsoleProgress:
+    """A listener: `mmnb.train(..., listeners=[ConsoleProgress()])`."""
+
+    def __init__(self, file: IO[str] | None = None, mininterval: float = 0.2) -> None:
+        self.file = file or sys.stderr
+        self.mininterval = mininterval
+        self.bar: Any = None
+        self._mark: tuple[float, int] | None = None  # (time, tokens) at the last update
+        self.messages: list[str] = []
+
+    def __call__(self, event: Event) -> None:
+        info = event.info
+        if event.kind == "start":
+            self.close()
+            self.bar = tqdm(
+                total=info["total"],
+                initial=event.step,
+                file=self.file,
+                mininterval=self.mininterval,
+                unit="step",
+                dynamic_ncols=True,
+            )
+            self._mark = None
+        elif event.kind == "step" and self.bar is not None:
+            now = time.perf_counter()
+            postfix = {"loss": f"{info['loss']:.4f}", "lr": f"{info['lr']:.2e}"}
+            if self._mark is not None and now > self._mark[0]:
+                postfix["tok/s"] = f"{(info['tokens'] - self._mark[1]) / (now - self._mark[0]):,.0f}"
+            self._mark = (now, info["tokens"])
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(event.step - self.bar.n)
+        elif event.kind == "notice":
+            self.write(f"note: {info['text']}")
+        elif event.kind == "checkpoint" and info.get("saved") is not None:
+            reasons = set(info["reasons"])
+            if reasons & {"interrupt", "time_budget", "stop_at", "requested", "end"}:
+                saved = info["saved"]
+                self.write(f"checkpoint: step {saved.step} ({', '.join(saved.reasons)})")
+        elif event.kind == "stop":
+            self.close()
+
+    def write(self, text: str) -> None:
+        self.messages.append(text)
+        if self.bar is not None:
+            self.bar.write(text, file=self.file)
+        else:
+            self.file.write(text + "\n")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,101 @@
+"""A store: a folder of runs (default ./mmnb-runs, or $MMNB_STORE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from .run import CKPT_DIR, RUN_FILE, FORMAT_VERSION, Run, StepInfo, StoreError, write_run_file
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+
+
+def default_store_path() -> Path:
+    return Path(os.environ.get("MMNB_STORE") or "mmnb-runs")
+
+
+class Store:
+    """`Store(path)` opens (without creating) a folder of runs."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path).expanduser() if path is not None else default_store_path()
+
+    def __repr__(self) -> str:
+        return f"<mmnb.Store {str(self.path)!r}: {len(self.runs())} runs>"
+
+    def runs(self) -> list[Run]:
+        if not self.path.is_dir():
+            return []
+        return [Run(self, p.name) for p in sorted(self.path.iterdir()) if (p / RUN_FILE).is_file()]
+
+    def run(self, name: str) -> Run:
+        if not (self.path / name / RUN_FILE).is_file():
+            have = ", ".join(r.name for r in self.runs()) or "none"
+            raise StoreError(f"no run named {name!r} in store {self.path} (runs: {have})")
+        return Run(self, name)
+
+    def newest(self) -> Run:
+        """The run whose index changed last."""
+        runs = self.runs()
+        if not runs:
+            raise StoreError(f"store {self.path} has no runs")
+        return max(runs, key=lambda r: r.run_file.stat().st_mtime)
+
+    def new_name(self, prefix: str = "run") -> str:
+        taken = {r.name for r in self.runs()}
+        n = 1
+        while f"{prefix}-{n:03d}" in taken:
+            n += 1
+        return f"{prefix}-{n:03d}"
+
+    def branch_points(self, name: str) -> set[int]:
+        """Steps of run `name` that another run branched from."""
+        return {r.parent[1] for r in self.runs() if r.parent and r.parent[0] == name}
+
+    def create_run(
+        self,
+        name: str,
+        config: dict[str, Any],
+        tokenizer_json: str,
+        *,
+        parent: tuple[str, int] | None = None,
+        stage: dict[str, Any] | None = None,
+    ) -> Run:
+        """Create `<store>/<name>/` with its run file; fails if the name is taken.
+
+        A branch's index starts with links to its parent's checkpoints up to the branch step:
+        the history is shared, never copied.
+        """
+        if not _NAME.match(name):
+            raise StoreError(
+                f"invalid run name {name!r}: use letters, digits, '.', '_', '+', '-' (max 100)"
+            )
+        folder = self.path / name
+        if folder.exists():
+            raise StoreError(f"run {name!r} already exists in store {self.path}")
+        inherited: list[StepInfo] = []
+        if parent is not None:
+            source = self.run(parent[0])
+            source.step_info(parent[1])  # the branch point must exist
+            for info in source.steps():
+                if info.step <= parent[1]:
+                    owner = source.path / info.file
+                    rel = os.path.relpath(owner.resolve(), folder.resolve())
+                    inherited.append(StepInfo(**{**info.__dict__, "file": rel}))
+        (folder / CKPT_DIR).mkdir(parents=True)
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "name": name,
+            "config": json.dumps(config),
+            "parent": json.dumps({"run": parent[0], "step": parent[1]} if parent else None),
+            "stage": json.dumps(stage or {"start": 0, "reset_data": False}),
+            "history": json.dumps([]),
+            "tokenizer": tokenizer_json,
+            "created": time.time(),
+        }
+        write_run_file(folder, attrs, inherited)
+        return Run(self, name)

@@ -1,0 +1,396 @@
+"""The trainer: one readable loop and a `state_dict()` that holds everything a resume needs.
+
+Order of one optimizer step (nanoGPT's): lr from the plan → micro-batches with gradient
+accumulation → clip → AdamW step → counters and metrics → checkpoint/stop checks.
+
+Every random stream is a pure function of (seed, epoch/step): the model init of `seed`, the data
+order of (seed, epoch), dropout masks of (seed, step). The trainer draws nothing from the global
+RNGs, so a user's cell that reseeds torch meanwhile cannot change the run. The global RNG states
+are still saved and restored with a checkpoint, for code of the user's that draws from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import ModelConfig, TrainConfig
+from .data import TokenDataset, epoch_order
+from .model import MiniMind
+from .schedule import Plan
+
+METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
+
+
+@dataclass
+class Event:
+    """What the trainer tells front-ends. It never prints; they render."""
+
+    kind: str  # start | step | epoch | checkpoint | stop
+    step: int  # optimizer steps completed
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class StopReason:
+    DONE = "done"  # the plan's last step
+    STOP_AT = "stop_at"
+    TIME_BUDGET = "time_budget"
+    REQUESTED = "requested"  # stop() from another thread or a Stop button
+
+
+def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
+    """The schedule a config asks for; a stage that begins at `start` counts its steps from there."""
+    total = train.max_steps if train.max_steps is not None else train.epochs * steps_per_epoch
+    return Plan(
+        start=start,
+        kind=train.schedule,
+        lr=train.lr,
+        total=total,
+        warmup=train.warmup,
+        min_ratio=train.min_lr_ratio,
+        decay_fraction=train.decay_fraction,
+        decay_shape=train.decay_shape,
+    )
+
+
+def _mix_seed(seed: int, *keys: int) -> int:
+    # SeedSequence hashes (seed, keys...) into well-spread seeds; adjacent steps get unrelated masks.
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _InterruptGuard:
+    """Defers Ctrl-C (SIGINT) out of critical sections (optimizer update, checkpoint write).
+
+    A KeyboardInterrupt raised halfway through `optimizer.step()` would leave half the parameters
+    updated; deferring it to the end of the section means an interrupt always lands at an
+    optimizer-step boundary. Only the main thread receives signals; elsewhere this is inert.
+    """
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._pending = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _InterruptGuard:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self._depth:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+class Trainer:
+    """Owns the model, optimizer, plan, data position, counters and metrics of one run."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        train_config: TrainConfig,
+        dataset: TokenDataset,
+        *,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.model_config, self.config = model_config, train_config
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.samples_per_step = train_config.batch_size * train_config.accum
+        self.steps_per_epoch = len(dataset) // self.samples_per_step
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"the dataset has {len(dataset)} samples of {train_config.max_seq_len} tokens, "
+                f"fewer than one optimizer step needs (batch_size {train_config.batch_size} x "
+                f"accum {train_config.accum})"
+            )
+        self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
+        # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=train_config.lr,
+            betas=(train_config.beta1, train_config.beta2),
+            eps=train_config.eps,
+            weight_decay=train_config.weight_decay,
+        )
+        self.plan = plan_for(train_config, self.steps_per_epoch)
+        # Counters: the state at the last optimizer-step boundary.
+        self.step = 0  # optimizer steps completed
+        self.epoch = 0
+        self.position = 0  # global sample index into this epoch's order
+        self.tokens = 0  # tokens fed to the model
+        self.elapsed = 0.0  # seconds spent training, summed over sessions
+        self.metrics: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+        self.listeners: list[Callable[[Event], None]] = []
+        # Called with the reasons at each checkpoint; returns what was saved. The store installs it.
+        self.saver: Callable[[Trainer, list[str]], Any] | None = None
+        self._stop = threading.Event()
+        self._checkpoint_requested = threading.Event()
+        self._order: tuple[int, np.ndarray] | None = None
+        self._guard = _InterruptGuard()
+        self._autocast = train_config.dtype == "bf16"
+
+    # ---- control from other threads / front-ends ----
+    def stop(self) -> None:
+        """Stop at the next optimizer-step boundary, with a checkpoint."""
+        self._stop.set()
+
+    def request_checkpoint(self) -> None:
+        """Checkpoint at the next optimizer-step boundary."""
+        self._checkpoint_requested.set()
+
+    def emit(self, kind: str, **info: Any) -> None:
+        event = Event(kind, self.step, info)
+        for listener in list(self.listeners):
+            listener(event)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.plan.end
+
+    # ---- the loop ----
+    def fit(self) -> str:
+        """Train until the plan ends or a stop condition holds; return the StopReason.
+
+        KeyboardInterrupt is re-raised after checkpointing the last completed step, so a
+        notebook's "Run All" stops at this cell.
+        """
+        cfg = self.config
+        start = time.perf_counter()
+        self._stop.clear()
+        with self._guard:
+            self.emit("start", total=self.plan.end, steps_per_epoch=self.steps_per_epoch)
+            try:
+                while True:
+                    reason = self._stop_reason(start)
+                    if reason is not None:
+                        break
+                    t0 = time.perf_counter()
+                    self._train_step()
+                    self.elapsed += time.perf_counter() - t0
+                    reasons = self._checkpoint_reasons()
+                    if cfg.stop_at is not None and self.step == cfg.stop_at:
+                        reasons.append(StopReason.STOP_AT)
+                    if reasons:
+                        self.checkpoint(reasons)
+            except KeyboardInterrupt:
+                # Gradients of an unfinished accumulation window are discarded; counters, data
+                # position and the dropout stream only ever advance at a boundary.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.checkpoint(["interrupt"])
+                self.emit("stop", reason="interrupt")
+                raise
+            if reason not in (StopReason.DONE, StopReason.STOP_AT):
+                self.checkpoint([reason])
+            self.emit("stop", reason=reason)
+        return reason
+
+    def _stop_reason(self, start: float) -> str | None:
+        cfg = self.config
+        if self.finished:
+            return StopReason.DONE
+        if cfg.stop_at is not None and self.step >= cfg.stop_at:
+            return StopReason.STOP_AT
+        if self._stop.is_set():
+            return StopReason.REQUESTED
+        if cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget:
+            return StopReason.TIME_BUDGET
+        return None
+
+    def _checkpoint_reasons(self) -> list[str]:
+        reasons = []
+        if self.finished:
+            reasons.append("end")
+        if self.position == 0:
+            reasons.append("epoch")
+        if self.step == self.plan.decay_start:
+            reasons.append("decay_start")
+        if self.config.save_every and self.step % self.config.save_every == 0:
+            reasons.append("every")
+        if self._checkpoint_requested.is_set():
+            self._checkpoint_requested.clear()
+            reasons.append("requested")
+        return reasons
+
+    def checkpoint(self, reasons: list[str]) -> Any:
+        """Save the state at this boundary through `saver`; return what it returned."""
+        saved = None
+        if self.saver is not None:
+            with self._guard.critical():  # a Ctrl-C during the write lands after the commit
+                saved = self.saver(self, reasons)
+        self.emit("checkpoint", reasons=reasons, saved=saved)
+        return saved
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.dataset), self.config.seed, epoch))
+        return self._order[1]
+
+    def _train_step(self) -> None:
+        cfg, model = self.config, self.model
+        lr = self.plan.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        generator = None
+        if self.model_config.dropout > 0:
+            generator = torch.Generator(self.device).manual_seed(_mix_seed(cfg.seed, self.step))
+        model.train()
+        order = self.epoch_indices(self.epoch)
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for micro in range(cfg.accum):
+            lo = self.position + micro * cfg.batch_size
+            input_ids, labels = self.dataset.batch(order[lo : lo + cfg.batch_size])
+            input_ids = input_ids.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
+                out = model(input_ids, labels, generator=generator)
+            (out.loss / cfg.accum).backward()
+            loss_sum += out.loss.detach()
+            tokens += input_ids.numel()
+        with self._guard.critical():
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.tokens += tokens
+            self.position += self.samples_per_step
+            if self.position >= self.steps_per_epoch * self.samples_per_step:
+                self.epoch, self.position = self.epoch + 1, 0
+            m = self.metrics
+            m["step"].append(self.step)
+            m["loss"].append((loss_sum / cfg.accum).item())
+            m["lr"].append(lr)
+            m["grad_norm"].append(grad_norm.item())
+            m["tokens"].append(self.tokens)
+            m["time"].append(self.elapsed)
+        if self.position == 0:
+            self.emit("epoch", epoch=self.epoch)
+        if self.step % cfg.log_every == 0 or self.finished:
+            self.emit("step", loss=m["loss"][-1], lr=lr, tokens=self.tokens)
+
+    # ---- state ----
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs, as tensors, arrays and JSON-able values (no objects)."""
+        names = self.param_names
+        optim = self.optimizer.state_dict()
+        state = {names[i]: dict(s) for i, s in optim["state"].items()}
+        groups = [
+            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+            for g in optim["param_groups"]
+        ]
+        return {
+            "model": self.model.state_dict(),
+            "optim": {"state": state, "param_groups": groups},
+            "schedule": {"plan": self.plan.to_dict(), "step": self.step},
+            "rng": rng_state(),
+            "data": {
+                "epoch": self.epoch,
+                "position": self.position,
+                "seed": self.config.seed,
+                "num_samples": len(self.dataset),
+                "fingerprint": self.dataset.fingerprint,
+            },
+            "trainer": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "tokens": self.tokens,
+                "elapsed": self.elapsed,
+                "world_size": 1,
+            },
+            "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
+        }
+
+    def load_state_dict(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
+        self.model.load_state_dict(sd["model"])
+        names = self.param_names
+        index = {n: i for i, n in enumerate(names)}
+        optim = sd["optim"]
+        self.optimizer.load_state_dict(
+            {
+                "state": {index[n]: dict(s) for n, s in optim["state"].items()},
+                "param_groups": [
+                    {**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]
+                ],
+            }
+        )
+        # Hyperparameters come from this trainer's config (a branch may change them); lr is
+        # set from the plan at every step.
+        for group in self.optimizer.param_groups:
+            group.update(
+                betas=(self.config.beta1, self.config.beta2),
+                eps=self.config.eps,
+                weight_decay=self.config.weight_decay,
+            )
+        self.plan = Plan.from_dict(sd["schedule"]["plan"])
+        t = sd["trainer"]
+        self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
+        self.elapsed = float(t["elapsed"])
+        self.position = int(sd["data"]["position"])
+        self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
+        if restore_rng:
+            set_rng_state(sd["rng"])
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG streams: torch CPU, every CUDA device, numpy's legacy global, `random`."""
+    np_state = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": np.asarray(np_state[1], dtype=np.uint32),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {"version": version, "state": np.asarray(py_state, dtype=np.uint64), "gauss": gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    n = state["numpy"]
+    np.random.set_state(
+        ("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        torch.cuda.set_rng_state_all([torch.as_tensor(cuda[str(i)]) for i in range(len(cuda))])

@@ -1,0 +1,194 @@
+"""The HDF5 store: layout, bit-exact round trips, corruption, locking, branching, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import mmnb
+from conftest import assert_same_state
+from mmnb.store import CorruptCheckpoint, Store, StoreError, read_tree, write_tree
+
+
+def test_tree_round_trip_is_bit_exact(tmp_path):
+    tree = {
+        "bf16": torch.randn(5, 3).to(torch.bfloat16),
+        "f32": torch.randn(4),
+        "f16": torch.randn(2, 2).half(),
+        "i64": torch.arange(7),
+        "scalar": torch.tensor(3.0),
+        "u8": torch.get_rng_state(),
+        "np": np.arange(5, dtype=np.uint32),
+        "nested": {"a": 1, "b": [1, 2, "x"], "c": None, "t": torch.ones(2)},
+        "text": "héllo",
+    }
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        write_tree(f.create_group("g"), tree)
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        back = read_tree(f["g"])
+        assert f["g/bf16"].dtype == np.uint16 and f["g/bf16"].attrs["dtype"] == "bfloat16"
+    for key in ("bf16", "f32", "f16", "i64", "scalar", "u8"):
+        assert back[key].dtype == tree[key].dtype
+        assert torch.equal(back[key], tree[key]), key
+    assert np.array_equal(back["np"], tree["np"])
+    assert back["nested"]["b"] == [1, 2, "x"] and back["nested"]["c"] is None
+    assert torch.equal(back["nested"]["t"], torch.ones(2))
+    assert back["text"] == "héllo"
+
+
+@pytest.fixture
+def trained(store, micro):
+    run = mmnb.train("r", store=store, max_steps=6, save_every=2, schedule="constant", **micro)
+    return store, run
+
+
+def test_layout_is_plain_hdf5(trained):
+    store, run = trained
+    assert [s.step for s in run.steps()] == [0, 2, 4, 6]
+    with h5py.File(run.run_file, "r") as f:
+        assert f.attrs["format_version"] == 1
+        config = json.loads(f.attrs["config"])
+        assert config["train"]["max_steps"] == 6
+        assert json.loads(f.attrs["parent"]) is None
+        assert "<|im_start|>" in f.attrs["tokenizer"]
+        assert list(f["steps"]) == ["00000000", "00000002", "00000004", "00000006"]
+        emb = f["steps/00000004/model/model.embed_tokens.weight"]
+        assert emb.shape == (300, 32) and "crc32" in emb.attrs
+        for group in ("optim", "schedule", "rng", "data", "trainer", "metrics"):
+            assert group in f["steps/00000004"], group
+        assert f["steps/00000004/metrics/loss"].shape == (4,)
+        assert "exp_avg" in f["steps/00000004/optim/state/model.embed_tokens.weight"]
+
+
+def test_metadata_reads_no_tensor(trained, monkeypatch):
+    store, run = trained
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", _forbidden)
+    steps = store.run("r").steps()
+    assert [s.step for s in steps] == [0, 2, 4, 6]
+    assert steps[-1].epoch == 0 and steps[-1].loss is not None
+    assert store.run("r").status() == "finished"
+
+
+def _forbidden(*args, **kwargs):
+    raise AssertionError("a dataset was read")
+
+
+def test_load_round_trips_the_trainer_state(trained):
+    store, run = trained
+    state = run.load()
+    assert state["trainer"]["step"] == 6
+    live = run.trainer.state_dict()
+    assert_same_state(state, live)
+    assert torch.equal(state["rng"]["torch"], live["rng"]["torch"])
+
+
+def _flip_byte_in(path, dataset):
+    with h5py.File(path, "r") as f:
+        offset = f[dataset].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 5)
+        byte = fh.read(1)
+        fh.seek(offset + 5)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["bitflip", "truncate"])
+def test_corrupt_checkpoint_is_reported_and_skipped(trained, damage):
+    store, run = trained
+    path = run.path / run.step_info(6).file
+    if damage == "bitflip":
+        _flip_byte_in(path, "model/model.layers.0.mlp.up_proj.weight")
+    else:
+        os.truncate(path, path.stat().st_size // 2)
+    with pytest.warns(UserWarning, match=str(path.name)):
+        state = run.load()
+    assert state["trainer"]["step"] == 4  # the older checkpoint still loads
+    with pytest.raises(CorruptCheckpoint, match="00000006"):
+        run.load(6)
+
+
+def test_second_writer_is_refused(trained):
+    store, _ = trained
+    first, second = store.run("r"), store.run("r")
+    first.open_writer()
+    try:
+        with pytest.raises(StoreError, match="being written by another trainer"):
+            second.open_writer()
+        assert second.status() == "training"
+        assert [s.step for s in second.steps()] == [0, 2, 4, 6]  # readers never block
+    finally:
+        first.close_writer()
+    second.open_writer()
+    second.close_writer()
+
+
+def test_branch_shares_history_and_leaves_parent_untouched(trained, micro):
+    store, run = trained
+    parent_files = {p: p.stat().st_mtime_ns for p in run.path.rglob("*")}
+    a = mmnb.branch("r", 4, "a", store=store, lr=1e-3, max_steps=9)
+    b = mmnb.branch("r", 4, "b", store=store, lr=1e-3, max_steps=9)
+    assert a.parent == ("r", 4)
+    assert [s.step for s in a.steps()] == [0, 2, 4, 6, 8, 9]
+    assert [s.run for s in a.steps()] == ["r", "r", "r", "a", "a", "a"]
+    assert not any(p.name.startswith("0000000") for p in (a.path / "ckpt").iterdir() if int(p.stem) <= 4)
+    assert_same_state(a.load(), b.load())
+    assert a.load()["metrics"]["lr"][-1] != run.load()["metrics"]["lr"][-1]
+    assert {p: p.stat().st_mtime_ns for p in run.path.rglob("*")} == parent_files
+    with h5py.File(a.run_file, "r") as f:  # the inherited steps are reachable from the branch
+        assert f["steps/00000002/trainer"].attrs["json"]
+
+
+def test_branch_with_other_data_starts_a_stage(trained, tmp_path):
+    store, _ = trained
+    from mmnb.corpus import CHAT_PATH
+
+    sft = mmnb.branch("r", 6, "sft", store=store, data=str(CHAT_PATH), epochs=1)
+    state = sft.load()
+    assert state["schedule"]["plan"]["start"] == 6
+    assert json.loads(h5py.File(sft.run_file, "r").attrs["config"])["train"]["data"] == str(CHAT_PATH)
+    assert sft.latest().epoch == 1
+
+
+def test_changed_trajectory_field_on_resume_is_refused(trained):
+    store, _ = trained
+    for field in ("batch_size", "seed", "data", "hidden_size"):
+        with pytest.raises(ValueError, match=field):
+            mmnb.resume("r", store=store, **{field: 8})
+    with pytest.raises(ValueError, match="hidden_size changes the model"):
+        mmnb.branch("r", 4, "x", store=store, hidden_size=64)
+    assert [r.name for r in store.runs()] == ["r"]
+
+
+def test_retention_keeps_newest_and_branch_points(store, micro):
+    run = mmnb.train("k", store=store, max_steps=10, save_every=1, keep_last=2, **micro)
+    # step 0 is the plan's start and 8 its decay start (an extension continues from there)
+    assert [s.step for s in run.steps()] == [0, 8, 9, 10]
+    run2 = mmnb.train("k2", store=store, max_steps=4, save_every=1, start=False, **micro)
+    mmnb.resume("k2", store=store, stop_at=3)
+    mmnb.branch("k2", 3, "child", store=store, start=False)
+    mmnb.resume("k2", store=store, keep_last=1)
+    assert [s.step for s in run2.steps()] == [0, 3, 4]  # 3 is a branch point
+
+
+def test_unknown_run_and_step(trained):
+    store, run = trained
+    with pytest.raises(StoreError, match="no run named 'nope'"):
+        store.run("nope")
+    with pytest.raises(StoreError, match="no checkpoint at step 5"):
+        run.load(5)
+    with pytest.raises(StoreError, match="already exists"):
+        mmnb.train("r", store=store, max_steps=1)
+
+
+def test_runs_lists_store(trained):
+    store, _ = trained
+    mmnb.branch("r", 2, "child", store=store, start=False)
+    assert [(r.name, r.parent) for r in Store(store.path).runs()] == [
+        ("child", ("r", 2)),
+        ("r", None),
+    ]
