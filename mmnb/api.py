@@ -36,6 +36,8 @@ Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
 SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+# Stop conditions belong to the session that set them; a resume or branch starts without them.
+_ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
 DATA_FIELDS = ("data", "tokenizer", "max_seq_len", "batch_size", "accum")
 
@@ -117,7 +119,7 @@ def resume(
         if value is not None and value <= 0:
             raise ValueError(f"{label} must be positive, got {value}")
     model_cfg, train_cfg = config_from_dict(handle.config_dict())
-    train_cfg = dataclasses.replace(train_cfg, **options)
+    train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
     handle.open_writer()
     try:
         trainer = _restore(handle, handle.load(step), model_cfg, train_cfg, device)
@@ -216,7 +218,7 @@ def branch(
     if "epochs" in overrides and "max_steps" not in overrides:
         overrides["max_steps"] = None  # a horizon given in epochs replaces one given in steps
     new_model = dataclasses.replace(model_cfg, **model_kw)
-    new_train = dataclasses.replace(train_cfg, **overrides)
+    new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **overrides})
     new_model.validate()
     new_train.validate()
     return _branch(store, parent, step, name, new_model, new_train, listeners, device, start)

@@ -24,8 +24,14 @@ from .store import Run, Store, StoreError
 USER_ERRORS = (ValueError, StoreError, DataError, FileNotFoundError)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # One line naming the problem; `--help` has the usage.
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmnb", description="Train MiniMind-style LLMs with exactly resumable checkpoints."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

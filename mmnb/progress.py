@@ -10,7 +10,7 @@ import sys
 import time
 from typing import IO, Any
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .train import Event
 

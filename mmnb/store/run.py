@@ -142,8 +142,8 @@ class Run:
         try:
             with h5py.File(self.run_file, "r", locking=False) as f:
                 entries = json.loads(f.attrs["index"])
-        except OSError as err:
-            raise StoreError(f"cannot read {self.run_file}: {err}") from None
+        except (OSError, KeyError) as err:
+            raise StoreError(f"cannot read the index of {self.run_file}: {err}") from None
         return [StepInfo(**e) for e in entries]
 
     def step_info(self, step: int) -> StepInfo:
