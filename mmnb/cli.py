@@ -136,7 +136,8 @@ def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
     else:  # generate
         store = Store(args.store)
         run = store.run(args.name) if args.name else store.newest()
-        print(_sample(run, args, step=args.step))
+        completion = _sample(run, args, step=args.step)
+        print(completion if args.chat else args.prompt + completion)
         return 0
     progress.close()
     latest = run.latest()

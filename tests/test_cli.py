@@ -29,8 +29,10 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, micro):
     assert "bad.jsonl:2" in _fails(capsys, "train", *store, *opts, "--data", str(bad))
     assert "lr must be positive" in _fails(capsys, "train", *store, *opts, "--lr", "0")
     assert "batch_size must be positive" in _fails(capsys, "train", *store, *opts, "--batch-size", "-1")
-    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "a b c"}])
-    assert "fewer than one optimizer step" in _fails(capsys, "train", *store, *opts, "--data", str(one))
+    empty = write_jsonl(tmp_path / "short.jsonl", [{"text": "a b c"}])
+    assert "no sample of max_seq_len 32" in _fails(capsys, "train", *store, *opts, "--data", str(empty))
+    few = write_jsonl(tmp_path / "few.jsonl", [{"text": " ".join(["word"] * 60)}])
+    assert "fewer than one optimizer step" in _fails(capsys, "train", *store, *opts, "--data", str(few))
     assert "no run named 'ghost'" in _fails(capsys, "resume", "ghost", *store)
     assert not (tmp_path / "s").exists() or Store(tmp_path / "s").runs() == []
 
@@ -56,8 +58,8 @@ def test_train_runs_list_generate(tmp_path, micro):
     assert rows["b"]["parent"] == {"run": "a", "step": 0}
     text = mmnb("runs", "--store", store).stdout
     assert "b <- a@0" in text
-    gen = mmnb("generate", "a", "--store", store, "--max-new-tokens", "5", "--temperature", "0")
-    assert gen.returncode == 0 and gen.stdout.strip()
+    gen = mmnb("generate", "a", "--store", store, "--prompt", "Once", "--max-new-tokens", "5")
+    assert gen.stdout.startswith("Once")
 
 
 def test_train_flags_cover_the_config():
