@@ -60,12 +60,14 @@ def train(
     listeners: Iterable[Listener] = (),
     device: str = "cpu",
     start: bool = True,
+    background: bool = False,
     **options: Any,
 ) -> Run:
     """Start a new run named `run` (auto-named when None) and train it.
 
     `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
+    With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     """
     store = _store(store)
     options = _normalise(options)
@@ -81,9 +83,13 @@ def train(
         run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
     )
     handle.open_writer()
-    _attach(handle, trainer, listeners)
-    trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
-    return _fit(handle, trainer) if start else _release(handle)
+    try:
+        _attach(handle, trainer, listeners)
+        trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
+    except BaseException:
+        handle.close_writer()
+        raise
+    return _launch(handle, trainer, start, background)
 
 
 def resume(
@@ -96,6 +102,7 @@ def resume(
     name: str | None = None,
     listeners: Iterable[Listener] = (),
     device: str = "cpu",
+    background: bool = False,
     **options: Any,
 ) -> Run:
     """Continue `run` (the newest run when None) from the store alone.
@@ -111,7 +118,11 @@ def resume(
     options = _normalise(options)
     for key in options:
         if key not in SESSION_FIELDS:
-            what = "defines the run's trajectory" if key in TRAJECTORY_FIELDS else "is not a session option"
+            what = (
+                "defines the run's trajectory"
+                if key in TRAJECTORY_FIELDS
+                else "is not a session option"
+            )
             raise ValueError(f"{key} {what}; change it on a branch (mmnb branch), not on resume")
     if epochs is not None and more_epochs is not None:
         raise ValueError("give epochs or more_epochs, not both")
@@ -122,13 +133,16 @@ def resume(
     train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
     handle.open_writer()
     try:
-        trainer = _restore(handle, handle.load(step), model_cfg, train_cfg, device)
+        info = handle.info()
+        stage = info.get("stage") if info.get("parent") else None
+        state = handle.load(step)
+        trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         _attach(handle, trainer, listeners)
-        return _fit(handle, trainer)
+        return _launch(handle, trainer, True, background)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -138,7 +152,9 @@ def resume(
     if train_cfg.max_steps is not None:
         spe = trainer.steps_per_epoch
         extra = (new_epochs - train_cfg.epochs) * spe
-        extended = dataclasses.replace(train_cfg, epochs=new_epochs, max_steps=train_cfg.max_steps + extra)
+        extended = dataclasses.replace(
+            train_cfg, epochs=new_epochs, max_steps=train_cfg.max_steps + extra
+        )
     new_plan = plan_for(extended, trainer.steps_per_epoch, start=old.start)
     if new_plan.end <= trainer.step:
         handle.close_writer()
@@ -153,7 +169,15 @@ def resume(
         base = re.sub(r"-\d+ep$", "", handle.name)  # one-2ep extends to one-3ep
         new_name = name or f"{base}-{new_epochs}ep"
         return _branch(
-            store, handle, old.decay_start, new_name, model_cfg, extended, listeners, device
+            store,
+            handle,
+            old.decay_start,
+            new_name,
+            model_cfg,
+            extended,
+            listeners,
+            device,
+            background=background,
         )
     if old.kind in ("cosine", "minimind") and trainer.step > old.start + old.warmup:
         lr_now = old.lr_at(trainer.step)
@@ -173,12 +197,14 @@ def resume(
     trainer.config = extended
     trainer.plan = new_plan
     history = handle.info().get("history", [])
-    history.append({"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()})
+    history.append(
+        {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
+    )
     handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
     _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _fit(handle, trainer)
+    return _launch(handle, trainer, True, background)
 
 
 def branch(
@@ -190,6 +216,7 @@ def branch(
     listeners: Iterable[Listener] = (),
     device: str = "cpu",
     start: bool = True,
+    background: bool = False,
     **overrides: Any,
 ) -> Run:
     """A new run whose parent is (`run`, `step`), sharing the parent's history up to `step`.
@@ -211,7 +238,9 @@ def branch(
     model_kw = {k: overrides.pop(k) for k in list(overrides) if k in MODEL_FIELDS}
     for key, value in model_kw.items():
         if key != "dropout" and value != getattr(model_cfg, key):
-            raise ValueError(f"{key} changes the model's shape; a branch keeps the parent's weights")
+            raise ValueError(
+                f"{key} changes the model's shape; a branch keeps the parent's weights"
+            )
     unknown = [k for k in overrides if k not in TRAIN_FIELDS or k == "preset"]
     if unknown:
         raise ValueError(f"unknown branch option {unknown[0]!r}")
@@ -221,7 +250,9 @@ def branch(
     new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **overrides})
     new_model.validate()
     new_train.validate()
-    return _branch(store, parent, step, name, new_model, new_train, listeners, device, start)
+    return _branch(
+        store, parent, step, name, new_model, new_train, listeners, device, start, background
+    )
 
 
 def _branch(
@@ -234,6 +265,7 @@ def _branch(
     listeners: Iterable[Listener],
     device: str,
     start: bool = True,
+    background: bool = False,
 ) -> Run:
     _, parent_train = config_from_dict(parent.config_dict())
     new_stage = any(getattr(train_cfg, k) != getattr(parent_train, k) for k in DATA_FIELDS)
@@ -246,47 +278,47 @@ def _branch(
                 f"has {model_cfg.vocab_size}"
             )
         tokenizer_json = tokenizer.to_json()
+    stage = {"start": step, "reset_data": new_stage}
+    # Everything that can fail on user input happens before the store is touched.
+    trainer = _restore(parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage)
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
         tokenizer_json,
         parent=(parent.name, step),
-        stage={"start": step, "reset_data": new_stage},
+        stage=stage,
     )
     handle.open_writer()
-    try:
-        trainer = _restore(handle, handle.load(step), model_cfg, train_cfg, device)
-    except BaseException:
-        handle.close_writer()
-        raise
     _attach(handle, trainer, listeners)
-    return _fit(handle, trainer) if start else _release(handle)
+    return _launch(handle, trainer, start, background)
 
 
 def _restore(
-    handle: Run, state: dict[str, Any], model_cfg: ModelConfig, train_cfg: TrainConfig, device: str
+    state: dict[str, Any],
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer_json: str,
+    device: str,
+    branch_stage: dict[str, Any] | None = None,
 ) -> Trainer:
-    """A Trainer holding `state`, for `handle`'s config (a branch point gets the branch's plan)."""
-    tokenizer = Tokenizer.from_json(handle.tokenizer_json())
+    """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
+    checkpoint holds the parent's plan and data position; the branch's own follow from its
+    config, deterministically."""
+    tokenizer = Tokenizer.from_json(tokenizer_json)
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     trainer.load_state_dict(state)
-    info = handle.info()
-    stage = info.get("stage", {"start": 0, "reset_data": False})
-    at_branch_point = info.get("parent") is not None and trainer.step == stage["start"]
-    if at_branch_point:
-        # The inherited checkpoint holds the parent's plan and data position; this run's own
-        # follow from its config, deterministically.
-        if stage["reset_data"]:
+    if branch_stage is not None and trainer.step == branch_stage["start"]:
+        if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
-            trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=stage["start"])
+            trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.step)
         else:
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
     elif state["data"]["fingerprint"] != dataset.fingerprint:
         raise StoreError(
-            f"the data of run {handle.name!r} ({train_cfg.data or 'bundled corpus'}) changed "
-            "since the checkpoint was written; restore it or branch with --data"
+            f"the data ({train_cfg.data or 'bundled corpus'}) changed since the checkpoint "
+            "was written; restore it or branch with --data"
         )
     return trainer
 
@@ -296,8 +328,8 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
     trainer.listeners.extend(listeners)
     cfg = trainer.config
 
-    def save(t: Trainer, reasons: list[str]) -> Any:
-        info = handle.commit(t.state_dict(), reasons)
+    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
+        info = handle.commit(t.state_dict(), reasons, tags)
         protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
         handle.prune(cfg.keep_last, cfg.keep_every, protect)
         return info
@@ -305,16 +337,22 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
     trainer.saver = save
 
 
-def _fit(handle: Run, trainer: Trainer) -> Run:
-    try:
-        trainer.fit()
-    finally:
+def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released
+    when training ends however it ends."""
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        finally:
+            handle.close_writer()
+
+    if not start:
         handle.close_writer()
-    return handle
-
-
-def _release(handle: Run) -> Run:
-    handle.close_writer()
+    elif background:
+        handle.start_thread(fit)
+    else:
+        fit()
     return handle
 
 

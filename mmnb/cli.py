@@ -1,10 +1,10 @@
 """`mmnb` on the command line: parse, call the Python API, render events. Nothing else.
 
-    mmnb train [RUN] [options]     new run (tiny preset on the bundled corpus by default)
-    mmnb resume [RUN] [--step N] [--epochs E | --more-epochs K]
-    mmnb branch RUN [--step N] [--name NEW] [overrides]
-    mmnb runs [--json]
-    mmnb generate [RUN] [--step N] [--prompt TEXT]
+mmnb train [RUN] [options]     new run (tiny preset on the bundled corpus by default)
+mmnb resume [RUN] [--step N] [--epochs E | --more-epochs K]
+mmnb branch RUN [--step N] [--name NEW] [overrides]
+mmnb runs [--json]
+mmnb generate [RUN] [--step N] [--prompt TEXT]
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ class ModelConfig:
     hidden_size: int = 512  # width of the residual stream
     num_hidden_layers: int = 8  # decoder blocks
     num_attention_heads: int = 8  # query heads
-    num_key_value_heads: int = 2  # key/value heads (grouped-query attention); divides the query heads
+    num_key_value_heads: int = (
+        2  # key/value heads (grouped-query attention); divides the query heads
+    )
     head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
     intermediate_size: int | None = None  # SwiGLU width; None means ceil(hidden*pi/64)*64
     rms_norm_eps: float = 1e-6  # RMSNorm epsilon (MiniMind-2 used 1e-5)
@@ -118,7 +120,9 @@ class TrainConfig:
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.decay_shape not in ("linear", "1-sqrt"):
@@ -127,7 +131,14 @@ class TrainConfig:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("warmup", "save_every", "keep_last", "keep_every", "weight_decay", "grad_clip"):
+        for name in (
+            "warmup",
+            "save_every",
+            "keep_last",
+            "keep_every",
+            "weight_decay",
+            "grad_clip",
+        ):
             _non_negative(name, getattr(self, name))
         _positive("log_every", self.log_every)
         for name in ("beta1", "beta2"):
@@ -285,7 +296,9 @@ def config_from_dict(data: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
     """Inverse of `config_to_dict`; unknown keys from a newer writer are an error, not ignored."""
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ValueError(f"config format version {version} is not supported (expected {FORMAT_VERSION})")
+        raise ValueError(
+            f"config format version {version} is not supported (expected {FORMAT_VERSION})"
+        )
     model = ModelConfig(**data["model"])
     train = TrainConfig(**data["train"])
     return model, train

@@ -21,7 +21,10 @@ def _opt(*flags: str, **kwargs: Any) -> Option:
 # Options of `mmnb train` / `%train` that describe the run (config fields).
 RUN_OPTIONS: list[Option] = [
     _opt("--preset", choices=list(PRESETS), help="model preset (default tiny)"),
-    _opt("--data", help="pretrain/SFT .jsonl, .txt file or folder (default: bundled corpus; 'chat' = bundled chat set)"),
+    _opt(
+        "--data",
+        help="pretrain/SFT .jsonl, .txt file or folder (default: bundled corpus; 'chat' = bundled chat set)",
+    ),
     _opt("--tokenizer", help="tokenizer.json to use (default: train one on the data)"),
     _opt("--epochs", type=int, help="planned epochs (default 1)"),
     _opt("--max-steps", type=int, help="planned optimizer steps (overrides --epochs)"),
@@ -38,7 +41,9 @@ RUN_OPTIONS: list[Option] = [
     _opt("--beta2", type=float, help="AdamW beta2"),
     _opt("--grad-clip", type=float, help="max grad norm (0 = no clipping)"),
     _opt("--seed", type=int, help="seed of init, data order and dropout (default 1337)"),
-    _opt("--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"),
+    _opt(
+        "--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"
+    ),
     _opt("--dropout", type=float, help="dropout probability"),
     _opt("--max-seq-len", type=int, help="tokens per sample"),
     _opt("--vocab-size", type=int, help="vocabulary size of a trained tokenizer"),

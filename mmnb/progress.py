@@ -42,7 +42,9 @@ class ConsoleProgress:
             now = time.perf_counter()
             postfix = {"loss": f"{info['loss']:.4f}", "lr": f"{info['lr']:.2e}"}
             if self._mark is not None and now > self._mark[0]:
-                postfix["tok/s"] = f"{(info['tokens'] - self._mark[1]) / (now - self._mark[0]):,.0f}"
+                postfix["tok/s"] = (
+                    f"{(info['tokens'] - self._mark[1]) / (now - self._mark[0]):,.0f}"
+                )
             self._mark = (now, info["tokens"])
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(event.step - self.bar.n)

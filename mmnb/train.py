@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,10 +154,12 @@ class Trainer:
         self.elapsed = 0.0  # seconds spent training, summed over sessions
         self.metrics: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
         self.listeners: list[Callable[[Event], None]] = []
-        # Called with the reasons at each checkpoint; returns what was saved. The store installs it.
-        self.saver: Callable[[Trainer, list[str]], Any] | None = None
+        # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
+        # The store installs it.
+        self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
         self._stop = threading.Event()
-        self._checkpoint_requested = threading.Event()
+        self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
+        self._requests_lock = threading.Lock()
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
         self._autocast = train_config.dtype == "bf16"
@@ -166,9 +169,17 @@ class Trainer:
         """Stop at the next optimizer-step boundary, with a checkpoint."""
         self._stop.set()
 
-    def request_checkpoint(self) -> None:
-        """Checkpoint at the next optimizer-step boundary."""
-        self._checkpoint_requested.set()
+    def request_checkpoint(self, tags: list[str] = ()) -> Future:
+        """Checkpoint at the next optimizer-step boundary; the future gets what was saved."""
+        future: Future = Future()
+        with self._requests_lock:
+            self._requests.append((future, list(tags)))
+        return future
+
+    def _take_requests(self) -> list[tuple[Future, list[str]]]:
+        with self._requests_lock:
+            taken, self._requests = self._requests, []
+        return taken
 
     def emit(self, kind: str, **info: Any) -> None:
         event = Event(kind, self.step, info)
@@ -202,8 +213,11 @@ class Trainer:
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
                         reasons.append(StopReason.STOP_AT)
+                    requests = self._take_requests()
+                    if requests:
+                        reasons.append("requested")
                     if reasons:
-                        self.checkpoint(reasons)
+                        self.checkpoint(reasons, requests=requests)
             except KeyboardInterrupt:
                 # Gradients of an unfinished accumulation window are discarded; counters, data
                 # position and the dropout stream only ever advance at a boundary.
@@ -211,8 +225,12 @@ class Trainer:
                 self.checkpoint(["interrupt"])
                 self.emit("stop", reason="interrupt")
                 raise
-            if reason not in (StopReason.DONE, StopReason.STOP_AT):
-                self.checkpoint([reason])
+            requests = self._take_requests()  # asked for after the last step's checkpoint
+            final = [] if reason in (StopReason.DONE, StopReason.STOP_AT) else [reason]
+            if requests:
+                final.append("requested")
+            if final:
+                self.checkpoint(final, requests=requests)
             self.emit("stop", reason=reason)
         return reason
 
@@ -238,18 +256,28 @@ class Trainer:
             reasons.append("decay_start")
         if self.config.save_every and self.step % self.config.save_every == 0:
             reasons.append("every")
-        if self._checkpoint_requested.is_set():
-            self._checkpoint_requested.clear()
-            reasons.append("requested")
         return reasons
 
-    def checkpoint(self, reasons: list[str]) -> Any:
+    def checkpoint(
+        self,
+        reasons: list[str],
+        tags: list[str] = (),
+        requests: list[tuple[Future, list[str]]] = (),
+    ) -> Any:
         """Save the state at this boundary through `saver`; return what it returned."""
+        tags = sorted({*tags, *(t for _, ts in requests for t in ts)})
         saved = None
-        if self.saver is not None:
-            with self._guard.critical():  # a Ctrl-C during the write lands after the commit
-                saved = self.saver(self, reasons)
-        self.emit("checkpoint", reasons=reasons, saved=saved)
+        try:
+            if self.saver is not None:
+                with self._guard.critical():  # a Ctrl-C during the write lands after the commit
+                    saved = self.saver(self, reasons, tags)
+        except BaseException as err:
+            for future, _ in requests:
+                future.set_exception(err)
+            raise
+        for future, _ in requests:
+            future.set_result(saved)
+        self.emit("checkpoint", reasons=reasons, tags=tags, saved=saved)
         return saved
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
@@ -308,7 +336,10 @@ class Trainer:
         optim = self.optimizer.state_dict()
         state = {names[i]: dict(s) for i, s in optim["state"].items()}
         groups = [
-            {**{k: v for k, v in g.items() if k != "params"}, "params": [names[i] for i in g["params"]]}
+            {
+                **{k: v for k, v in g.items() if k != "params"},
+                "params": [names[i] for i in g["params"]],
+            }
             for g in optim["param_groups"]
         ]
         return {
@@ -391,7 +422,11 @@ def rng_state() -> dict[str, Any]:
             "has_gauss": int(np_state[3]),
             "cached_gaussian": float(np_state[4]),
         },
-        "python": {"version": version, "state": np.asarray(py_state, dtype=np.uint64), "gauss": gauss},
+        "python": {
+            "version": version,
+            "state": np.asarray(py_state, dtype=np.uint64),
+            "gauss": gauss,
+        },
     }
     if torch.cuda.is_available():
         state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
@@ -402,7 +437,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     n = state["numpy"]
     np.random.set_state(
-        ("MT19937", np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        (
+            "MT19937",
+            np.asarray(n["keys"], dtype=np.uint32),
+            n["pos"],
+            n["has_gauss"],
+            n["cached_gaussian"],
+        )
     )
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["state"]), p["gauss"]))

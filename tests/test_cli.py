@@ -28,11 +28,17 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, micro):
     bad.write_text('{"text": "fine"}\n{"text": oops}\n', encoding="utf-8")
     assert "bad.jsonl:2" in _fails(capsys, "train", *store, *opts, "--data", str(bad))
     assert "lr must be positive" in _fails(capsys, "train", *store, *opts, "--lr", "0")
-    assert "batch_size must be positive" in _fails(capsys, "train", *store, *opts, "--batch-size", "-1")
+    assert "batch_size must be positive" in _fails(
+        capsys, "train", *store, *opts, "--batch-size", "-1"
+    )
     empty = write_jsonl(tmp_path / "short.jsonl", [{"text": "a b c"}])
-    assert "no sample of max_seq_len 32" in _fails(capsys, "train", *store, *opts, "--data", str(empty))
+    assert "no sample of max_seq_len 32" in _fails(
+        capsys, "train", *store, *opts, "--data", str(empty)
+    )
     few = write_jsonl(tmp_path / "few.jsonl", [{"text": " ".join(["word"] * 60)}])
-    assert "fewer than one optimizer step" in _fails(capsys, "train", *store, *opts, "--data", str(few))
+    assert "fewer than one optimizer step" in _fails(
+        capsys, "train", *store, *opts, "--data", str(few)
+    )
     assert "no run named 'ghost'" in _fails(capsys, "resume", "ghost", *store)
     assert not (tmp_path / "s").exists() or Store(tmp_path / "s").runs() == []
 
@@ -40,9 +46,10 @@ def test_bad_inputs_give_one_line(capsys, tmp_path, micro):
 def test_argparse_errors_are_one_line():
     proc = mmnb("train", "--preset", "huge", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
-        proc.stderr.strip()
-    ] and "invalid choice: 'huge'" in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+        and "invalid choice: 'huge'" in proc.stderr
+    )
     proc = mmnb("resume", "x", "--batch-size", "8", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: --batch-size" in proc.stderr
 
@@ -51,7 +58,9 @@ def test_train_runs_list_generate(tmp_path, micro):
     store = str(tmp_path / "s")
     out = mmnb("train", "a", "--store", store, "--max-steps", "3", *cli_args(micro)).stdout
     assert "run a: step 3" in out and "sample:" in out
-    mmnb("branch", "a", "--step", "0", "--name", "b", "--store", store, "--no-sample", "--lr", "1e-3")
+    mmnb(
+        "branch", "a", "--step", "0", "--name", "b", "--store", store, "--no-sample", "--lr", "1e-3"
+    )
     listing = json.loads(mmnb("runs", "--store", store, "--json").stdout)
     rows = {r["name"]: r for r in listing["runs"]}
     assert rows["a"]["steps"][-1] == 3 and rows["a"]["status"] == "finished"
@@ -79,7 +88,18 @@ def test_train_flags_cover_the_config():
 def test_stop_flags_keep_the_plan(tmp_path, micro, flag):
     store = str(tmp_path / "s")
     value = "4" if flag == "--stop-at" else "0.01s"
-    mmnb("train", "a", "--store", store, "--no-sample", "--epochs", "2", flag, value, *cli_args(micro))
+    mmnb(
+        "train",
+        "a",
+        "--store",
+        store,
+        "--no-sample",
+        "--epochs",
+        "2",
+        flag,
+        value,
+        *cli_args(micro),
+    )
     run = Store(store).run("a")
     latest = run.latest()
     assert latest.step < 100 and ("stop_at" in latest.reasons or "time_budget" in latest.reasons)

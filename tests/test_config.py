@@ -24,7 +24,11 @@ def test_default_intermediate_size_is_pi_rounded_to_64():
 
 def test_overrides_and_aliases():
     model, train = resolve("tiny", layers=3, heads=8, kv_heads=4, lr=1e-3, hidden_size=256)
-    assert (model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads) == (3, 8, 4)
+    assert (model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads) == (
+        3,
+        8,
+        4,
+    )
     assert model.head_dim == 32  # derived from the overridden width
     assert train.lr == 1e-3
 

@@ -24,8 +24,17 @@ def straight(tmp_path_factory, small_corpus):
     """One uninterrupted 2-epoch run that several split runs are compared against."""
     store = Store(tmp_path_factory.mktemp("straight"))
     options = dict(
-        preset="tiny", hidden_size=32, layers=1, heads=2, kv_heads=1, intermediate_size=64,
-        vocab_size=300, max_seq_len=32, batch_size=4, epochs=2, data=str(small_corpus),
+        preset="tiny",
+        hidden_size=32,
+        layers=1,
+        heads=2,
+        kv_heads=1,
+        intermediate_size=64,
+        vocab_size=300,
+        max_seq_len=32,
+        batch_size=4,
+        epochs=2,
+        data=str(small_corpus),
     )
     mmnb("train", "base", "--store", str(store.path), "--no-sample", *cli_args(options))
     return store, options
@@ -37,8 +46,16 @@ def test_split_resume_equals_straight_run(tmp_path, straight, stops):
     spe = steps_per_epoch(ref_store, "base")
     stops = [spe + int(s[6:] or 0) if isinstance(s, str) else s for s in stops]
     store = str(tmp_path / "store")
-    mmnb("train", "split", "--store", store, "--no-sample", "--stop-at", str(stops[0]),
-         *cli_args(options))
+    mmnb(
+        "train",
+        "split",
+        "--store",
+        store,
+        "--no-sample",
+        "--stop-at",
+        str(stops[0]),
+        *cli_args(options),
+    )
     for stop in stops[1:]:
         mmnb("resume", "split", "--store", store, "--no-sample", "--stop-at", str(stop))
     assert Store(store).run("split").latest().step == stops[-1]
@@ -106,8 +123,14 @@ def test_wsd_extension_equals_longer_plan(tmp_path, micro):
 
 def test_cosine_extension_replans_and_says_so(tmp_path, micro):
     store = str(tmp_path / "store")
-    mmnb("train", "cos", "--store", store, "--no-sample",
-         *cli_args({**micro, "schedule": "cosine", "max_steps": 10}))
+    mmnb(
+        "train",
+        "cos",
+        "--store",
+        store,
+        "--no-sample",
+        *cli_args({**micro, "schedule": "cosine", "max_steps": 10}),
+    )
     out = mmnb("resume", "cos", "--store", store, "--no-sample", "--more-epochs", "1")
     assert "differs from a run planned" in out.stderr
     assert Store(store).run("cos").latest().step > 10

@@ -135,7 +135,9 @@ def test_branch_shares_history_and_leaves_parent_untouched(trained, micro):
     assert a.parent == ("r", 4)
     assert [s.step for s in a.steps()] == [0, 2, 4, 6, 8, 9]
     assert [s.run for s in a.steps()] == ["r", "r", "r", "a", "a", "a"]
-    assert not any(p.name.startswith("0000000") for p in (a.path / "ckpt").iterdir() if int(p.stem) <= 4)
+    assert not any(
+        p.name.startswith("0000000") for p in (a.path / "ckpt").iterdir() if int(p.stem) <= 4
+    )
     assert_same_state(a.load(), b.load())
     assert a.load()["metrics"]["lr"][-1] != run.load()["metrics"]["lr"][-1]
     assert {p: p.stat().st_mtime_ns for p in run.path.rglob("*")} == parent_files
@@ -150,7 +152,9 @@ def test_branch_with_other_data_starts_a_stage(trained, tmp_path):
     sft = mmnb.branch("r", 6, "sft", store=store, data=str(CHAT_PATH), epochs=1)
     state = sft.load()
     assert state["schedule"]["plan"]["start"] == 6
-    assert json.loads(h5py.File(sft.run_file, "r").attrs["config"])["train"]["data"] == str(CHAT_PATH)
+    assert json.loads(h5py.File(sft.run_file, "r").attrs["config"])["train"]["data"] == str(
+        CHAT_PATH
+    )
     assert sft.latest().epoch == 1
 
 

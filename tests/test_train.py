@@ -30,8 +30,18 @@ def test_same_seed_two_fresh_processes_bitwise_equal(tmp_path, micro):
         mmnb("train", name, "--store", store, "--no-sample", "--max-steps", "15", *cli_args(micro))
     s = Store(store)
     assert_same_state(s.run("a").load(), s.run("b").load())
-    mmnb("train", "c", "--store", store, "--no-sample", "--max-steps", "15", "--seed", "7",
-         *cli_args(micro))
+    mmnb(
+        "train",
+        "c",
+        "--store",
+        store,
+        "--no-sample",
+        "--max-steps",
+        "15",
+        "--seed",
+        "7",
+        *cli_args(micro),
+    )
     other = s.run("c").load()["model"]["model.norm.weight"]
     assert not torch.equal(other, s.run("a").load()["model"]["model.norm.weight"])
 
@@ -91,7 +101,9 @@ def test_interrupt_rolls_back_to_the_last_boundary_and_resumes_exactly(small_cor
 
     saved = {}
     interrupted = make_trainer(small_corpus, max_steps=10, accum=2)
-    interrupted.saver = lambda t, reasons: saved.setdefault("state", (t.state_dict(), reasons))
+    interrupted.saver = lambda t, reasons, tags: saved.setdefault(
+        "state", (t.state_dict(), reasons)
+    )
     original = interrupted.dataset.batch
     calls = []
 
@@ -115,7 +127,7 @@ def test_interrupt_rolls_back_to_the_last_boundary_and_resumes_exactly(small_cor
 def test_stop_and_checkpoint_requests_from_outside(small_corpus):
     trainer = make_trainer(small_corpus, max_steps=50)
     saves = []
-    trainer.saver = lambda t, reasons: saves.append((t.step, reasons))
+    trainer.saver = lambda t, reasons, tags: saves.append((t.step, reasons))
 
     def control(event):
         if event.kind == "step" and event.step == 3:

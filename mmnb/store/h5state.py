@@ -46,19 +46,32 @@ def numpy_to_tensor(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def write_tree(group: h5py.Group, tree: dict[str, Any]) -> int:
-    """Write `tree` under `group`; return the number of array bytes written."""
+def write_tree(
+    group: h5py.Group, tree: dict[str, Any], _written: dict[tuple, h5py.Dataset] | None = None
+) -> int:
+    """Write `tree` under `group`; return the number of array bytes written.
+
+    A tensor that is a view of one already written (tied embeddings: `lm_head.weight` is
+    `model.embed_tokens.weight`) becomes an HDF5 hard link to that dataset, so its bytes are
+    stored once and plain h5py still finds it under its own name.
+    """
+    written = {} if _written is None else _written
     leaves: dict[str, Any] = {}
     nbytes = 0
     for key, value in tree.items():
         key = str(key)
         if isinstance(value, dict):
-            nbytes += write_tree(group.create_group(key), value)
+            nbytes += write_tree(group.create_group(key), value, written)
         elif isinstance(value, torch.Tensor):
+            identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+            if value.numel() and identity in written:
+                group[key] = written[identity]  # a hard link
+                continue
             array = tensor_to_numpy(value)
             ds = group.create_dataset(key, data=array)
             ds.attrs["dtype"] = str(value.dtype).removeprefix("torch.")
             ds.attrs["crc32"] = _crc(array)
+            written[identity] = ds
             nbytes += array.nbytes
         elif isinstance(value, np.ndarray):
             ds = group.create_dataset(key, data=value)

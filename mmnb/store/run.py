@@ -21,8 +21,10 @@ import fcntl
 import json
 import os
 import re
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,6 +99,8 @@ class Run:
         self.store, self.name = store, name
         self.path = store.path / name
         self.trainer: Any = None  # the live Trainer when this process trains the run
+        self.thread: threading.Thread | None = None  # background training, if any
+        self.error: BaseException | None = None  # what ended background training, if it failed
         self._lock_fd: int | None = None
         self._index: list[StepInfo] | None = None  # the writer's in-memory index
 
@@ -127,9 +131,7 @@ class Run:
         """Run-level attributes decoded: config, parent, stage, history, created."""
         attrs = self._attrs()
         return {
-            k: json.loads(attrs[k])
-            for k in ("config", "parent", "stage", "history")
-            if k in attrs
+            k: json.loads(attrs[k]) for k in ("config", "parent", "stage", "history") if k in attrs
         } | {"created": float(attrs.get("created", 0.0))}
 
     def tokenizer_json(self) -> str:
@@ -191,9 +193,61 @@ class Run:
         finally:
             os.close(fd)
 
+    # ---- the training session of this process (engine objects, set by mmnb.api) ----
+    @property
+    def training(self) -> bool:
+        """True while this process trains the run in a background thread."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def start_thread(self, target: Callable[[], None]) -> None:
+        def body() -> None:
+            try:
+                target()
+            except BaseException as err:  # kept for wait(); a thread has no one to raise to
+                self.error = err
+
+        self.error = None
+        self.thread = threading.Thread(target=body, name=f"mmnb-train-{self.name}", daemon=True)
+        self.thread.start()
+
+    def wait(self, timeout: float | None = None) -> Run:
+        """Wait for background training to end; re-raise what made it fail."""
+        if self.thread is not None:
+            self.thread.join(timeout)
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return self
+
+    def stop(self, wait: bool = True) -> Run:
+        """Stop training at the next optimizer-step boundary, with a checkpoint."""
+        self._live().stop()
+        return self.wait() if wait else self
+
+    def checkpoint(self, tags: list[str] = (), timeout: float | None = None) -> StepInfo:
+        """Checkpoint now: at the next step boundary while training in the background,
+        immediately when idle (the live trainer is at a boundary)."""
+        trainer = self._live()
+        if self.training:
+            return trainer.request_checkpoint(tags).result(timeout)
+        self.open_writer()
+        try:
+            return trainer.checkpoint(["requested"], tags=tags)
+        finally:
+            self.close_writer()
+
+    def _live(self) -> Any:
+        if self.trainer is None:
+            raise StoreError(f"run {self.name!r} is not loaded in this process; resume it first")
+        return self.trainer
+
     # ---- full state ----
     def load(
-        self, step: int | None = None, *, verify: bool = True, groups: tuple[str, ...] = STATE_GROUPS
+        self,
+        step: int | None = None,
+        *,
+        verify: bool = True,
+        groups: tuple[str, ...] = STATE_GROUPS,
     ) -> dict[str, Any]:
         """The full state of a checkpoint (newest readable one when `step` is None).
 
@@ -265,7 +319,9 @@ class Run:
                     with h5py.File(entry, "r", locking=False) as f:
                         index.append(StepInfo(**json.loads(f.attrs["summary"])))
                 except (OSError, KeyError) as err:
-                    warnings.warn(f"checkpoint {entry} is unreadable ({err}); ignoring it", stacklevel=2)
+                    warnings.warn(
+                        f"checkpoint {entry} is unreadable ({err}); ignoring it", stacklevel=2
+                    )
         index.sort(key=lambda s: s.step)
         self._index = index
         self._write_run_file()
@@ -305,9 +361,10 @@ class Run:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         try:
             with h5py.File(tmp, "w", libver="latest", locking=False) as f:
+                written: dict = {}  # shared storage is written once, across groups
                 for key in STATE_GROUPS:
                     if key in state:
-                        write_tree(f.create_group(key), state[key])
+                        write_tree(f.create_group(key), state[key], written)
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["summary"] = json.dumps(dataclasses.asdict(info))
             _fsync_file(tmp)
@@ -381,5 +438,3 @@ def write_run_file(folder: Path, attrs: dict[str, Any], index: list[StepInfo]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .run import CKPT_DIR, RUN_FILE, FORMAT_VERSION, Run, StepInfo, StoreError, write_run_file
+from .run import CKPT_DIR, FORMAT_VERSION, RUN_FILE, Run, StepInfo, StoreError, write_run_file
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
