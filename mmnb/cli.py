@@ -17,7 +17,15 @@ from typing import Any
 
 from . import api
 from .data import DataError
-from .options import COMMON_OPTIONS, RUN_OPTIONS, SESSION_OPTIONS, add_options, collect
+from .options import (
+    COMMON_OPTIONS,
+    RUN_OPTIONS,
+    SAMPLE_OPTIONS,
+    SESSION_OPTIONS,
+    TRAIN_OPTIONS,
+    add_options,
+    collect,
+)
 from .progress import ConsoleProgress
 from .store import Run, Store, StoreError
 
@@ -38,9 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="start a new run")
     train.add_argument("name", nargs="?", metavar="RUN", help="run name (default run-NNN)")
-    train.add_argument("--run", dest="run_flag", help="run name (same as the positional RUN)")
-    add_options(train, RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS)
-    _add_sample_options(train)
+    add_options(train, TRAIN_OPTIONS)
 
     resume = sub.add_parser("resume", help="continue a run from the store alone")
     resume.add_argument("name", nargs="?", metavar="RUN", help="run to resume (default: newest)")
@@ -49,15 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--epochs", type=int, help="extend the plan to E epochs in all")
     extend.add_argument("--more-epochs", type=int, help="extend the plan by K epochs")
     resume.add_argument("--name", dest="new_name", help="name of the run an extension creates")
-    add_options(resume, SESSION_OPTIONS + COMMON_OPTIONS)
-    _add_sample_options(resume)
+    add_options(resume, SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS)
 
     branch = sub.add_parser("branch", help="new run from a checkpoint, with overrides")
     branch.add_argument("name", metavar="RUN", help="parent run")
     branch.add_argument("--step", type=int, help="branch point (default: newest checkpoint)")
     branch.add_argument("--name", dest="new_name", help="name of the new run")
-    add_options(branch, _without(RUN_OPTIONS, "--preset") + SESSION_OPTIONS + COMMON_OPTIONS)
-    _add_sample_options(branch)
+    add_options(
+        branch,
+        _without(RUN_OPTIONS, "--preset") + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS,
+    )
 
     runs = sub.add_parser("runs", help="list the runs of a store")
     runs.add_argument("--json", action="store_true", help="machine-readable output")
@@ -68,22 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--step", type=int, help="checkpoint (default: newest)")
     gen.add_argument("--prompt", default="", help="text to continue")
     gen.add_argument("--chat", action="store_true", help="treat the prompt as a user message")
-    _add_sample_options(gen, with_toggle=False)
-    add_options(gen, COMMON_OPTIONS[:1])
+    add_options(gen, _without(SAMPLE_OPTIONS, "--no-sample") + COMMON_OPTIONS[:1])
     return parser
 
 
 def _without(options: list, flag: str) -> list:
     return [o for o in options if o[0][0] != flag]
-
-
-def _add_sample_options(parser: argparse.ArgumentParser, with_toggle: bool = True) -> None:
-    if with_toggle:
-        parser.add_argument("--no-sample", action="store_true", help="skip the final sample")
-    parser.add_argument("--max-new-tokens", type=int, default=80, help="tokens to sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
-    parser.add_argument("--sample-seed", type=int, default=0, help="seed of the sample")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,7 +133,7 @@ def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
     else:  # generate
         store = Store(args.store)
         run = store.run(args.name) if args.name else store.newest()
-        completion = _sample(run, args, step=args.step)
+        completion = sample_text(run, args, step=args.step)
         print(completion if args.chat else args.prompt + completion)
         return 0
     progress.close()
@@ -144,11 +141,12 @@ def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
     print(f"run {run.name}: step {latest.step}, loss {latest.loss:.4f}, status {run.status()}")
     print(f"store: {run.run_file}")
     if not args.no_sample:
-        print("sample:", _sample(run, args))
+        print("sample:", sample_text(run, args))
     return 0
 
 
-def _sample(run: Run, args: argparse.Namespace, step: int | None = None) -> str:
+def sample_text(run: Run, args: argparse.Namespace, step: int | None = None) -> str:
+    """A sample from `run`'s checkpoint with the SAMPLE_OPTIONS in `args` (CLI and magics)."""
     model, tokenizer = api.load_model(run, step)
     return api.generate(
         model,

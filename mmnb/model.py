@@ -325,9 +325,15 @@ class MiniMind(nn.Module):
             # Predict token t+1 from position t: pad the shifted labels instead of slicing the
             # logits, which avoids copying a [B, T-1, V] tensor. Mean over non-ignored targets.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
-            lm_loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+            per_token = F.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
+            # A batch with no supervised token (SFT samples whose assistant reply was truncated
+            # away) has loss 0 and no gradient, not 0/0 = nan.
+            lm_loss = per_token / (targets != -100).sum().clamp(min=1)
             loss = lm_loss + aux_loss
         return CausalLMOutput(
             logits=logits,

@@ -73,6 +73,47 @@ COMMON_OPTIONS: list[Option] = [
     _opt("--device", help="torch device (default cpu)"),
 ]
 
+# The run name as a flag, for scripts that build argument lists (same as the positional RUN).
+NAME_OPTIONS: list[Option] = [
+    _opt("--run", dest="run_flag", metavar="RUN", help="run name (same as the positional RUN)"),
+]
+
+# A sample from the final checkpoint, printed when training ends.
+SAMPLE_OPTIONS: list[Option] = [
+    _opt("--no-sample", action="store_true", default=False, help="skip the final sample"),
+    _opt("--max-new-tokens", type=int, default=80, help="tokens to sample"),
+    _opt("--temperature", type=float, default=0.8, help="0 = greedy"),
+    _opt("--top-p", type=float, default=0.9, help="nucleus sampling mass"),
+    _opt("--sample-seed", type=int, default=0, help="seed of the sample"),
+]
+
+# Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
+TRAIN_OPTIONS: list[Option] = (
+    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+)
+
+# `%train` only: a terminal process has no notebook to keep usable while it trains.
+NOTEBOOK_OPTIONS: list[Option] = [
+    _opt(
+        "--background",
+        action="store_true",
+        default=False,
+        help="train in a thread; the notebook stays usable (progress: %%train --status)",
+    ),
+    _opt(
+        "--status",
+        action="store_true",
+        default=False,
+        help="show the progress of RUN (default: every run trained in this kernel)",
+    ),
+    _opt(
+        "--stop",
+        action="store_true",
+        default=False,
+        help="stop RUN's background training at the next step, with a checkpoint",
+    ),
+]
+
 
 def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
     for flags, kwargs in options:

@@ -37,7 +37,7 @@ METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 class Event:
     """What the trainer tells front-ends. It never prints; they render."""
 
-    kind: str  # start | step | epoch | checkpoint | stop
+    kind: str  # start | step | epoch | checkpoint | notice | stop
     step: int  # optimizer steps completed
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -160,6 +160,7 @@ class Trainer:
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
+        self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
         self._autocast = train_config.dtype == "bf16"
@@ -169,10 +170,15 @@ class Trainer:
         """Stop at the next optimizer-step boundary, with a checkpoint."""
         self._stop.set()
 
-    def request_checkpoint(self, tags: list[str] = ()) -> Future:
-        """Checkpoint at the next optimizer-step boundary; the future gets what was saved."""
+    def request_checkpoint(self, tags: list[str] = ()) -> Future | None:
+        """Checkpoint at the next optimizer-step boundary; the future gets what was saved.
+
+        None when `fit()` is not running: the trainer is idle at a boundary, save directly.
+        """
         future: Future = Future()
         with self._requests_lock:
+            if not self._running:
+                return None
             self._requests.append((future, list(tags)))
         return future
 
@@ -197,11 +203,28 @@ class Trainer:
         KeyboardInterrupt is re-raised after checkpointing the last completed step, so a
         notebook's "Run All" stops at this cell.
         """
+        with self._requests_lock:
+            self._running = True
+        try:
+            return self._fit()
+        finally:
+            with self._requests_lock:  # from here on a request is answered by the caller
+                self._running = False
+            for future, _ in self._take_requests():  # only if fit() ended by an exception
+                future.set_exception(RuntimeError("training ended before the checkpoint"))
+
+    def _fit(self) -> str:
         cfg = self.config
         start = time.perf_counter()
         self._stop.clear()
         with self._guard, _flush_denormals():
-            self.emit("start", total=self.plan.end, steps_per_epoch=self.steps_per_epoch)
+            self.emit(
+                "start",
+                total=self.plan.end,
+                steps_per_epoch=self.steps_per_epoch,
+                epoch=self.epoch,  # where the session starts, for progress displays
+                epoch_step=self.position // self.samples_per_step,
+            )
             try:
                 while True:
                     reason = self._stop_reason(start)
@@ -225,7 +248,9 @@ class Trainer:
                 self.checkpoint(["interrupt"])
                 self.emit("stop", reason="interrupt")
                 raise
-            requests = self._take_requests()  # asked for after the last step's checkpoint
+            with self._requests_lock:  # from here on a request is answered by the caller
+                self._running = False
+            requests = self._take_requests()  # asked for before the loop ended
             final = [] if reason in (StopReason.DONE, StopReason.STOP_AT) else [reason]
             if requests:
                 final.append("requested")

@@ -228,8 +228,11 @@ class Run:
         """Checkpoint now: at the next step boundary while training in the background,
         immediately when idle (the live trainer is at a boundary)."""
         trainer = self._live()
-        if self.training:
-            return trainer.request_checkpoint(tags).result(timeout)
+        future = trainer.request_checkpoint(tags) if self.training else None
+        if future is not None:
+            return future.result(timeout)
+        if self.thread is not None:
+            self.thread.join()  # training just ended: let it release the writer lock
         self.open_writer()
         try:
             return trainer.checkpoint(["requested"], tags=tags)
@@ -308,7 +311,8 @@ class Run:
 
     def _reconcile(self) -> None:
         """Make the index agree with the committed files (a crash may sit between the two)."""
-        index = [s for s in self.steps() if s.inherited or (self.path / s.file).exists()]
+        on_disk = self.steps()
+        index = [s for s in on_disk if s.inherited or (self.path / s.file).exists()]
         known = {s.file for s in index}
         ckpt = self.path / CKPT_DIR
         for entry in sorted(ckpt.iterdir()):
@@ -324,7 +328,10 @@ class Run:
                     )
         index.sort(key=lambda s: s.step)
         self._index = index
-        self._write_run_file()
+        if index != on_disk:
+            # Only a repair rewrites the index: opening a run (e.g. a resume that then fails
+            # on user input) must leave it untouched, or it would become the store's newest.
+            self._write_run_file()
 
     def commit(self, state: dict[str, Any], reasons: list[str], tags: list[str] = ()) -> StepInfo:
         """Write `state` as the checkpoint of its step; return its StepInfo.
