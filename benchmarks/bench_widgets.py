@@ -1,0 +1,143 @@
+"""What the widgets cost: dashboard overhead on training, and browser slider latency.
+
+    python benchmarks/bench_widgets.py            # tiny preset + 1,000-checkpoint run
+    python benchmarks/bench_widgets.py --quick    # fewer steps, 200 checkpoints
+
+1. Training with a `Dashboard` listener vs without, side by side in one process, alternating
+   blocks so machine drift hits both; an event every step (log_every=1), the worst case.
+   Target: ratio <= 1.03. Printed for the tiny preset and for a micro model whose 1–2 ms
+   steps expose the per-event cost.
+2. A slider move in the history browser on a run of 1,000 checkpoints (built by training a
+   micro model with save_every=1): the time from setting the slider to the plot PNG and
+   metadata being replaced, sample generation aside. Target: < 200 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+import mmnb  # noqa: E402
+from mmnb.config import resolve  # noqa: E402
+from mmnb.data import build_dataset, tokenizer_for  # noqa: E402
+from mmnb.train import Trainer  # noqa: E402
+from mmnb.widgets import Browser, Dashboard  # noqa: E402
+
+MICRO = dict(
+    hidden_size=32,
+    layers=1,
+    heads=2,
+    kv_heads=1,
+    intermediate_size=64,
+    vocab_size=300,
+    max_seq_len=32,
+    batch_size=4,
+)
+
+
+def _fit_seconds(setup, steps: int, dashboard: Dashboard | None) -> float:
+    model_cfg, train_cfg, dataset = setup
+    trainer = Trainer(model_cfg, dataclasses.replace(train_cfg, max_steps=steps), dataset)
+    if dashboard is not None:
+        trainer.listeners.append(dashboard)
+    t0 = time.perf_counter()
+    trainer.fit()
+    return time.perf_counter() - t0
+
+
+def overhead(label: str, options: dict, steps: int, rounds: int) -> None:
+    model_cfg, train_cfg = resolve("tiny", log_every=1, epochs=100, **options)
+    tokenizer = tokenizer_for(None, model_cfg.vocab_size)
+    setup = (model_cfg, train_cfg, build_dataset(None, tokenizer, train_cfg.max_seq_len))
+    # Warm-up of both: allocator, kernels, and matplotlib's one-time font set-up (paid once
+    # per kernel, by the first dashboard).
+    _fit_seconds(setup, max(steps // 10, 5), None)
+    _fit_seconds(setup, max(steps // 10, 5), Dashboard(plot_interval=0))
+    bare, shown, dashboards = [], [], []
+    for i in range(rounds):
+        # ABBA: each order equally often, so a drift in machine speed cancels out.
+        order = (False, True) if i % 2 == 0 else (True, False)
+        for with_dash in order:
+            if with_dash:
+                dash = Dashboard()  # built outside the timed region, as in a notebook cell
+                shown.append(_fit_seconds(setup, steps, dash))
+                dashboards.append(dash)
+            else:
+                bare.append(_fit_seconds(setup, steps, None))
+    ratio = sum(shown) / sum(bare)
+    dash = dashboards[-1]
+    print(
+        f"{label}: {steps} steps x {rounds} rounds, an event per step\n"
+        f"  without dashboard {statistics.median(bare):.3f}s  with {statistics.median(shown):.3f}s"
+        f"  (median per round; {steps / statistics.median(bare):.0f} steps/s)\n"
+        f"  ratio {ratio:.3f} (target <= 1.03); last run drew text {dash.draws['text']}x, "
+        f"plot {dash.draws['plot']}x ({dash.plot.full_draws} full draws)"
+    )
+
+
+def slider(folder: Path, n: int) -> None:
+    store = mmnb.Store(folder / "store")
+    t0 = time.perf_counter()
+    mmnb.train("many", store=store, max_steps=n, save_every=1, epochs=1000, log_every=1, **MICRO)
+    build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = Browser(store)  # reads the index and the newest checkpoint's metrics once
+    opened = time.perf_counter() - t0
+    steps = [s.step for s in store.run("many").steps()]
+    assert len(steps) == n + 1
+    rng = random.Random(0)
+    moves = []
+    for _ in range(60):
+        step = rng.choice(steps)
+        if step == b.slider.value:
+            continue
+        t0 = time.perf_counter()
+        b.slider.value = step  # what a settled drag sends: the observer redraws
+        moves.append(time.perf_counter() - t0)
+        assert b.meta_text().startswith(f"many step {step} ")
+    t0 = time.perf_counter()
+    b.refresh()  # nothing changed: no index is re-read
+    refresh = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b.sampler.tokens.value = 32
+    b.sampler.generate()
+    sample = time.perf_counter() - t0
+    moves.sort()
+    print(
+        f"\nhistory browser on a run of {n + 1} checkpoints (built in {build:.1f}s):\n"
+        f"  open {opened * 1000:.0f} ms; slider move median {statistics.median(moves) * 1000:.1f}"
+        f" ms, p90 {moves[int(len(moves) * 0.9)] * 1000:.1f} ms, max {moves[-1] * 1000:.1f} ms"
+        f" (target < 200 ms)\n"
+        f"  refresh (unchanged) {refresh * 1000:.1f} ms; "
+        f"first sample of 32 tokens (loads weights) {sample * 1000:.0f} ms"
+    )
+    b.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    overhead("tiny preset", {}, 60 if args.quick else 150, 2 if args.quick else 4)
+    overhead("micro model", MICRO, 300 if args.quick else 1500, 2 if args.quick else 4)
+    folder = Path(tempfile.mkdtemp(prefix="mmnb-bench-", dir=os.environ.get("BENCH_DIR")))
+    try:
+        slider(folder, 200 if args.quick else 1000)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,329 @@
+"""The history browser: a store's run tree, a slider over a run's checkpoints, and actions.
+
+    b = mmnb.browse("mmnb-runs")      # works in a fresh kernel, from the store alone
+
+Choosing a run shows its loss and lr curves; the step slider (`continuous_update=False`)
+moves a marker along them and shows the checkpoint's metadata. A slider move reads nothing
+from disk (the catalog caches each run's index and metrics until its index changes) and only
+blits the marker onto a cached plot, so it stays well under 200 ms on a run of 1,000
+checkpoints. Tabs below: a text sample of the checkpoint (on Generate), Branch, Extend /
+resume, Delete, and Compare. Training actions run in the background, each with its own
+dashboard, and the browser refreshes when they end. Everything a callback raises lands in
+the log area at the bottom.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import time
+from typing import Any
+
+import ipywidgets as w
+
+from ..store import Run, StepInfo, Store
+from .actions import Actions
+from .catalog import Catalog, RunEntry
+from .compare import Compare
+from .dashboard import Dashboard
+from .layout import close_tree
+from .log import Log
+from .plots import Plot
+from .sampler import Sampler
+
+TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Compare")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(seconds, 60)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
+
+
+class Browser:
+    """The history of a store as widgets. Display it, or call its methods (tests, scripts)."""
+
+    def __init__(self, store: Store | str | None = None, *, models: int = 3) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.catalog = Catalog(self.store)
+        self.log = Log()
+        self.jobs: list[Run] = []  # runs that actions started, oldest first
+        self.last_update_s: float | None = None  # how long the last slider move took
+        self._selected: tuple[str, int] | None = None
+        self._plotted: tuple[str, tuple[int, int]] | None = None  # (run, index stamp)
+        self._quiet = False  # set while options change, so observers ignore the churn
+        self._lock = threading.RLock()  # kernel callbacks vs threads following actions
+        self._watchers: list[threading.Thread] = []
+        self._dashboards: list[Dashboard] = []
+        guard = self.log.guard
+
+        self.runs = w.Select(options=[], rows=6, layout=w.Layout(width="auto", flex="1"))
+        self.runs.add_class("mmnb-runs")
+        self.refresh_button = w.Button(description="Refresh", icon="refresh")
+        self.refresh_button.on_click(guard(lambda _: self.refresh(), "refresh"))
+        self.status = w.HTML()
+        self.slider = w.SelectionSlider(
+            options=[("-", -1)],
+            description="step",
+            continuous_update=False,
+            disabled=True,
+            layout=w.Layout(width="98%"),
+        )
+        self.slider.add_class("mmnb-slider")
+        self.image = w.Image(format="png", layout=w.Layout(max_width="70%", height="auto"))
+        self.meta = w.HTML()
+        self.meta.add_class("mmnb-meta")
+        self.plot = Plot(("loss", "lr"), width=6.4, height=2.3, grow=1.03)
+        self.plot.line("loss", "loss", static=True, color="#1f77b4")
+        self.plot.line("lr", "lr", static=True, color="#2ca02c")
+        self.plot.line("ckpts", "loss", static=True, linestyle="none", marker="o", markersize=2.5,
+                       color="#7f7f7f", alpha=0.7)  # fmt: skip
+        self.plot.line("branches", "loss", static=True, linestyle="none", marker="v",
+                       markersize=7, color="#9467bd")  # fmt: skip
+        self.plot.line("at", "loss", linestyle="none", marker="o", markersize=8, color="#d62728")
+        self.plot.line("at_lr", "lr", linestyle="none", marker="o", markersize=6, color="#d62728")
+
+        self.sampler = Sampler(self.log, self.selection, cache_size=models)
+        self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
+        self.compare = Compare(self.catalog, self.log)
+        self.tabs = w.Tab(
+            children=[self.sampler.view, *self.actions.views, self.compare.view],
+            titles=TAB_TITLES,
+        )
+        self.jobs_box = w.VBox()
+        self.view = w.VBox(
+            [
+                w.HBox([self.runs, w.VBox([self.refresh_button, self.status])]),
+                self.slider,
+                # Top-aligned: a stretched row would stretch the image's height too.
+                w.HBox([self.image, self.meta], layout=w.Layout(align_items="flex-start")),
+                self.tabs,
+                self.jobs_box,
+                self.log.output,
+            ]
+        )
+        self.view.add_class("mmnb-browser")
+        self.runs.observe(guard(self._on_run, "choose run"), names="value")
+        self.slider.observe(guard(self._on_step, "step"), names="value")
+        guard(self.refresh, "refresh")()
+
+    # ---- what is selected ----
+    def selection(self) -> tuple[RunEntry, StepInfo] | None:
+        """The chosen (run entry, checkpoint), or None."""
+        if self._selected is None:
+            return None
+        name, step = self._selected
+        entry = self.catalog.entries.get(name)
+        info = entry.by_step.get(step) if entry else None
+        return (entry, info) if entry and info else None
+
+    def select(self, run: str, step: int | None = None) -> None:
+        """Show `run` at `step` (its newest checkpoint when None)."""
+        with self._lock:
+            if run not in self.catalog:
+                self.catalog.refresh()
+            entry = self.catalog[run]
+            self._quiet = True
+            try:
+                self.runs.value = run
+                if entry.steps:
+                    self.slider.options = [(str(s.step), s.step) for s in entry.steps]
+                    if step is None or step not in entry.by_step:
+                        step = entry.steps[-1].step if step is None else _nearest(entry, step)
+                    self.slider.value = step
+                    self.slider.disabled = False
+                else:
+                    self.slider.options, self.slider.disabled = [("-", -1)], True
+            finally:
+                self._quiet = False
+            if entry.steps:
+                self._show(entry, entry.by_step[step])  # type: ignore[index]
+            else:
+                self._selected = None
+                self.meta.value = f"<i>{html.escape(run)} has no checkpoint</i>"
+
+    # The observers take the lock before looking at `_quiet`: a user's change that arrives
+    # while a thread that follows an action refreshes waits for it, instead of being mistaken
+    # for the refresh's own churn.
+    def _on_run(self, change: dict[str, Any]) -> None:
+        with self._lock:
+            if not self._quiet and change["new"] is not None:
+                self.select(change["new"])
+
+    def _on_step(self, change: dict[str, Any]) -> None:
+        with self._lock:
+            if self._quiet or self._selected is None or change["new"] is None:
+                return
+            entry = self.catalog[self._selected[0]]
+            info = entry.by_step.get(change["new"])
+            if info is not None:
+                self._show(entry, info)
+
+    # ---- showing a checkpoint ----
+    def _show(self, entry: RunEntry, info: StepInfo) -> None:
+        started = time.perf_counter()
+        self._selected = (entry.name, info.step)
+        self._plot_run(entry)
+        loss = info.loss if info.loss is not None else entry.value_at("loss", info.step)
+        at = ([info.step], [loss]) if loss is not None else ([], [])
+        self.plot.set("at", *at)
+        lr = info.lr if info.lr is not None else entry.value_at("lr", info.step)
+        self.plot.set("at_lr", *(([info.step], [lr]) if lr is not None else ([], [])))
+        self.image.value = self.plot.png()
+        self.meta.value = self._meta_html(entry, info)
+        self.actions.selected(entry, info)
+        self.last_update_s = time.perf_counter() - started
+        self.sampler.selected(entry, info)  # may generate: not part of the slider's latency
+
+    def _plot_run(self, entry: RunEntry) -> None:
+        if self._plotted == (entry.name, entry.stamp):
+            return
+        metrics = entry.metrics()
+        steps = metrics.get("step", [])
+        self.plot.set("loss", steps, metrics.get("loss", []))
+        self.plot.set("lr", steps, metrics.get("lr", []))
+        marked = [(s.step, s.loss) for s in entry.steps if s.loss is not None]
+        self.plot.set("ckpts", [s for s, _ in marked], [v for _, v in marked])
+        points = [
+            (s, entry.value_at("loss", s)) for s in sorted(self.catalog.branch_points(entry.name))
+        ]
+        points = [(s, v) for s, v in points if v is not None]
+        self.plot.set("branches", [s for s, _ in points], [v for _, v in points])
+        self._plotted = (entry.name, entry.stamp)
+
+    def _meta_html(self, entry: RunEntry, info: StepInfo) -> str:
+        kids = [c.name for c in self.catalog.children(entry.name) if c.parent[1] == info.step]  # type: ignore[index]
+        rows = [
+            ("run", entry.name + (f" (from {info.run})" if info.inherited else "")),
+            ("step", f"{info.step}"),
+            ("epoch", f"{info.epoch} (sample {info.position:,})"),
+            ("loss", "—" if info.loss is None else f"{info.loss:.4f}"),
+            ("lr", "—" if info.lr is None else f"{info.lr:.3e}"),
+            ("tokens", f"{info.tokens:,}"),
+            ("time", _duration(info.elapsed)),
+            ("size", _size(info.bytes)),
+            ("saved", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
+            ("why", ", ".join(info.reasons + [f"#{t}" for t in info.tags])),
+        ]
+        if kids:
+            rows.append(("branches", ", ".join(kids)))
+        cells = "".join(
+            f"<tr><th style='text-align:right;padding-right:.6em'>{k}</th>"
+            f"<td>{html.escape(v)}</td></tr>"
+            for k, v in rows
+        )
+        return f"<table style='font-size:90%;line-height:1.3;white-space:nowrap'>{cells}</table>"
+
+    def meta_text(self) -> str:
+        """The selected checkpoint's metadata as text."""
+        chosen = self.selection()
+        if chosen is None:
+            return "no checkpoint selected"
+        entry, info = chosen
+        loss = "—" if info.loss is None else f"{info.loss:.4f}"
+        return (
+            f"{entry.name} step {info.step} · epoch {info.epoch} · loss {loss} · "
+            f"tokens {info.tokens:,} · {_size(info.bytes)}"
+        )
+
+    # ---- keeping up with the store ----
+    def refresh(self) -> None:
+        """Re-read the store (only runs whose index changed) and keep the selection."""
+        with self._lock:
+            self.catalog.refresh()
+            tree = self.catalog.tree()
+            self._quiet = True
+            try:
+                self.runs.options = [(self.catalog.label(n, d), n) for d, n in tree]
+            finally:
+                self._quiet = False
+            self.compare.update_options()
+            self.status.value = (
+                f"<small>{len(tree)} run{'s' * (len(tree) != 1)} in "
+                f"<code>{html.escape(str(self.store.path))}</code></small>"
+            )
+            if self._selected and self._selected[0] in self.catalog:
+                self.select(*self._selected)
+            elif tree:
+                newest = max(self.catalog.entries.values(), key=lambda e: e.stamp[0])
+                self.select(newest.name)
+            else:
+                self._selected = None
+                self.meta.value = f"<i>no runs in {html.escape(str(self.store.path))}</i>"
+
+    def _job(self, label: str, run: Run, dash: Dashboard) -> None:
+        """An action started `run` in the background: show its dashboard, follow it."""
+        with self._lock:
+            self.jobs.append(run)
+            done = [d for d in self._dashboards if d.state not in ("waiting", "training")]
+            for old in done:
+                self._dashboards.remove(old)
+                old.close()
+            self._dashboards.append(dash)
+            self.jobs_box.children = [d.view for d in self._dashboards]
+            self.refresh()
+            self.select(run.name)
+            shown = self._selected
+
+        def follow() -> None:
+            try:
+                run.wait()  # re-raises what ended the training, if it failed
+                self.log.message(f"{label}: {run.name} {dash.state} at step {dash.step}")
+            finally:
+                self.refresh()
+                if self._selected == shown:  # the user still looks where the job started:
+                    self.select(run.name)  # show what it trained
+
+        watcher = threading.Thread(target=self.log.guard(follow, label), daemon=True)
+        self._watchers.append(watcher)
+        watcher.start()
+
+    def wait(self, timeout: float | None = None) -> Browser:
+        """Wait until the background actions end and the browser has refreshed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for watcher in list(self._watchers):
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            watcher.join(left)
+        return self
+
+    # ---- display ----
+    def text(self) -> str:
+        """The tree and the selection as text (the text/plain fallback)."""
+        lines = [f"mmnb history browser: {self.store.path}"]
+        lines += [self.catalog.label(n, d) for d, n in self.catalog.tree()] or ["(no runs)"]
+        lines.append("selected: " + self.meta_text())
+        return "\n".join(lines)
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        bundle = self.view._repr_mimebundle_(**kwargs) or {}
+        bundle["text/plain"] = self.text()
+        return bundle
+
+    def __repr__(self) -> str:
+        return f"<mmnb Browser of {self.store.path}: {len(self.catalog.entries)} runs>"
+
+    def close(self) -> None:
+        """Close every widget and drop cached models (background training keeps running)."""
+        for dash in self._dashboards:
+            dash.close()
+        close_tree(self.view)
+        self.sampler.models.clear()
+        self.plot.figure.clear()
+
+
+def _nearest(entry: RunEntry, step: int) -> int:
+    """The committed step closest to `step` (a deleted checkpoint's neighbour)."""
+    return min(entry.by_step, key=lambda s: (abs(s - step), s))
+
+
+def browse(store: Store | str | None = None) -> Browser:
+    """The history browser of `store` (default: ./mmnb-runs or $MMNB_STORE)."""
+    return Browser(store)

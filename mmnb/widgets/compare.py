@@ -1,0 +1,93 @@
+"""Loss curves of several runs on one plot, aligned by optimizer step.
+
+A branch's metrics hold its parent's history up to the branch step, so step numbers line up by
+construction. When a run's parent is also shown, only the branch's own part is drawn (from its
+branch point, marked with a triangle), so each divergence is visible where it happens instead
+of hiding under an identical copy of the shared history.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import ipywidgets as w
+import numpy as np
+
+from .catalog import Catalog
+from .log import Log
+from .plots import COLORS, Plot
+
+
+class Compare:
+    """The Compare tab: pick runs, see their loss curves together."""
+
+    def __init__(self, catalog: Catalog, log: Log) -> None:
+        self.catalog = catalog
+        self.runs = w.SelectMultiple(options=[], rows=5, description="runs")
+        self.smooth = w.Checkbox(value=False, description="smooth (EMA 0.9)", indent=False)
+        # flex-start: a VBox stretches children to its width, which would blur the PNG.
+        self.image = w.Image(
+            format="png", layout=w.Layout(max_width="100%", align_self="flex-start")
+        )
+        self.plot: Plot | None = None  # made on first use: the figure costs ~50 ms
+        self._lock = threading.Lock()
+        draw = log.guard(lambda _change: self.draw(), "compare")
+        self.runs.observe(draw, names="value")
+        self.smooth.observe(draw, names="value")
+        self.view = w.VBox([w.HBox([self.runs, self.smooth]), self.image])
+
+    def update_options(self) -> None:
+        """Follow the catalog (after a refresh); keep the chosen runs that still exist."""
+        names = self.catalog.names()
+        chosen = tuple(n for n in self.runs.value if n in names)
+        if list(self.runs.options) != names:
+            self.runs.options = names
+            self.runs.value = chosen
+
+    def select(self, names: list[str]) -> None:
+        self.runs.value = tuple(names)  # draws through the observer
+
+    def draw(self) -> None:
+        # The kernel (a click) and a thread that follows an action (a refresh) may both draw.
+        with self._lock:
+            self._draw()
+
+    def _draw(self) -> None:
+        if self.plot is None:
+            self.plot = Plot(("loss",), width=8.5, height=2.8, grow=1.03)
+        plot = self.plot
+        plot.clear()
+        chosen = [n for n in self.runs.value if n in self.catalog]
+        for i, name in enumerate(chosen):
+            entry = self.catalog[name]
+            metrics = entry.metrics()
+            steps, loss = metrics.get("step"), metrics.get("loss")
+            if steps is None or not len(steps):
+                continue
+            color = COLORS[i % len(COLORS)]
+            if entry.parent and entry.parent[0] in chosen:
+                # Start at the branch step, the last shared one, so the lines join there.
+                first = int(np.searchsorted(steps, entry.parent[1]))
+                steps, loss = steps[first:], loss[first:]
+                point = entry.value_at("loss", entry.parent[1])
+                if point is not None:
+                    plot.line(f"{name}/branch", "loss", static=True, linestyle="none",
+                              marker="v", markersize=6, color=color)  # fmt: skip
+                    plot.set(f"{name}/branch", [entry.parent[1]], [point])
+            if self.smooth.value:
+                loss = _ema(np.asarray(loss, dtype=float), 0.9)
+            plot.line(name, "loss", static=True, color=color, label=name)
+            plot.set(name, steps, loss)
+        if chosen:
+            plot.legend("loss")
+        self.image.value = plot.png()
+
+
+def _ema(values: np.ndarray, decay: float) -> np.ndarray:
+    out = np.empty_like(values)
+    acc: Any = values[0] if len(values) else 0.0
+    for i, v in enumerate(values):
+        acc = decay * acc + (1 - decay) * v
+        out[i] = acc
+    return out

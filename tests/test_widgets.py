@@ -1,0 +1,305 @@
+"""The widget front-ends, headless: build them, set values, click buttons, check the store.
+
+No browser and no kernel: ipywidgets without a kernel keeps every trait in Python, which is
+all these tests look at. Background actions are awaited through `Browser.wait()` (it joins
+the threads that follow them), never with sleeps.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mmnb
+from mmnb.store import StepInfo
+from mmnb.train import Event, Trainer
+from mmnb.widgets import Browser, Dashboard
+from mmnb.widgets.actions import parse_number
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _events(total: int = 10) -> list[Event]:
+    saved0 = StepInfo(step=0, file="ckpt/00000000.h5", run="demo", reasons=["start"])
+    events = [
+        Event("checkpoint", 0, {"reasons": ["start"], "tags": [], "saved": saved0}),
+        Event("start", 0, {"total": total, "steps_per_epoch": 5, "epoch": 0, "epoch_step": 0}),
+    ]
+    for step in range(1, total + 1):
+        loss = 6.0 - 0.3 * step
+        events.append(Event("step", step, {"loss": loss, "lr": 1e-3, "tokens": 128 * step}))
+        if step == 5:
+            events.append(Event("epoch", 5, {"epoch": 1}))
+            saved = StepInfo(step=5, file="ckpt/00000005.h5", run="demo", reasons=["epoch"])
+            saved.loss = loss
+            events.append(
+                Event("checkpoint", 5, {"reasons": ["epoch"], "tags": [], "saved": saved})
+            )
+    events.append(Event("stop", total, {"reason": "done"}))
+    return events
+
+
+def _log_text(widget) -> str:
+    return widget.log.text()
+
+
+# ---- dashboard ----
+def test_dashboard_shows_events_and_a_png():
+    dash = Dashboard()
+    for event in _events()[:-1]:
+        dash(event)
+        text = dash._repr_mimebundle_()["text/plain"]
+        assert text == dash.text()  # the fallback is computed from the latest event
+    assert dash.step == 10 and dash.loss == pytest.approx(3.0)
+    assert "step 10/10" in dash.text() and "loss 3.0000" in dash.text()
+    assert "run demo" in dash.text()  # learnt from the checkpoint event
+    assert dash.checkpoints[-1] == (5, pytest.approx(4.5))
+    dash(_events()[-1])  # stop forces a final draw, however recent the last one was
+    assert dash.bar.value == dash.bar.max == 10
+    assert "step 10/10" in dash.label.value and "done" in dash.label.value
+    assert bytes(dash.image.value).startswith(PNG)
+    bundle = dash._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/plain"].endswith("done")
+    assert dash.stop_button.disabled  # nothing to stop any more
+    dash.close()
+
+
+def test_dashboard_redraws_are_throttled():
+    dash = Dashboard(plot_interval=60, text_interval=60)
+    events = _events(total=500)[:-1]
+    for event in events[:2]:  # the step-0 checkpoint, then start (which always draws)
+        dash(event)
+    drawn = dict(dash.draws)
+    for event in events[2:]:
+        dash(event)
+    assert dash.draws == drawn  # 500 steps within the intervals draw nothing more
+    assert dash.text().startswith("run demo · step 500/500")  # the state is always current
+    dash(Event("stop", 500, {"reason": "done"}))
+    assert dash.draws["plot"] == drawn["plot"] + 1 and "step 500/500" in dash.label.value
+
+
+def test_dashboard_listener_errors_are_shown_and_training_goes_on():
+    dash = Dashboard()
+    dash(Event("start", 0, {"total": 3}))
+    dash(Event("step", 1, {"lr": 1e-3, "tokens": 1}))  # no loss: the handler raises KeyError
+    assert "KeyError" in _log_text(dash) and "dashboard (step event)" in _log_text(dash)
+    dash(Event("step", 2, {"loss": 2.0, "lr": 1e-3, "tokens": 2}))
+    assert dash.step == 2
+
+
+def test_dashboard_buttons_without_a_run_say_so():
+    dash = Dashboard()
+    dash.stop_button.click()  # disabled in a front-end; a click from code still reports
+    assert "attach(run)" in _log_text(dash)
+
+
+def test_dashboard_stop_and_checkpoint_buttons_on_background_run(store, micro):
+    dash = Dashboard()
+    run = mmnb.train(
+        "bg", store=store, listeners=[dash], background=True, max_steps=100_000, **micro
+    )
+    dash.attach(run)
+    assert not dash.checkpoint_button.disabled
+    dash.checkpoint_button.click()
+    dash.wait(timeout=60)
+    assert "checkpoint committed: bg step" in _log_text(dash)
+    dash.stop_button.click()
+    run.wait(timeout=60)
+    steps = run.steps()
+    assert any("requested" in s.reasons for s in steps)
+    assert steps[-1].step < 100_000 and run.status() == "stopped"
+    assert dash.state == "requested" and dash.stop_button.disabled
+
+
+def test_dashboard_attach_shows_history_before_the_session(store, micro):
+    mmnb.train("hist", store=store, max_steps=40, stop_at=20, save_every=10, **micro)
+    dash = Dashboard()
+    run = mmnb.resume("hist", store=store, listeners=[dash])
+    dash.attach(run)
+    assert dash.history["step"] == list(range(1, 41))  # 1..20 from the store, 21..40 live
+    assert [s for s, _ in dash.checkpoints][:3] == [0, 10, 20]
+    assert bytes(dash.image.value).startswith(PNG)
+
+
+# ---- browser ----
+@pytest.fixture
+def tree(store, micro):
+    """base (WSD, 60 steps, a checkpoint every 20) with a branch at step 20."""
+    mmnb.train("base", store=store, max_steps=60, save_every=20, **micro)
+    mmnb.branch("base", 20, "base-b", store=store, lr=1e-3, max_steps=30, **{})
+    return store
+
+
+def test_browser_tree_slider_and_metadata(tree):
+    b = mmnb.browse(tree)
+    labels = [label for label, _ in b.runs.options]
+    assert labels[0].startswith("base ·")
+    assert labels[1].startswith("\u2514\u00a0base-b · from base@20")  # under its parent
+    b.select("base")
+    steps = [s.step for s in tree.run("base").steps()]
+    assert b.slider.options == tuple((str(s), s) for s in steps)
+    assert b.slider.value == steps[-1] and b.slider.continuous_update is False
+    before = bytes(b.image.value)
+    b.slider.value = 20
+    assert "<th style='text-align:right;padding-right:.6em'>step</th><td>20</td>" in b.meta.value
+    assert "base-b" in b.meta.value  # the branches from this step
+    assert b.meta_text().startswith("base step 20 · epoch 0")
+    assert bytes(b.image.value).startswith(PNG) and bytes(b.image.value) != before
+    assert b.last_update_s is not None and b.last_update_s < 1.0
+    assert b.actions.branch_button.description == "Branch from step 20"
+    assert "base step 20" in b._repr_mimebundle_()["text/plain"]
+    b.close()
+
+
+def test_browser_branch_from_here_with_overrides(tree):
+    b = Browser(tree)
+    b.select("base", 40)
+    a = b.actions
+    a.name.value = "sft"
+    a.numbers["lr"].value = "2e-4"
+    a.numbers["max_steps"].value = "50"
+    a.data.value = "chat"
+    a.branch_button.click()
+    b.wait(timeout=120)
+    assert "Traceback" not in _log_text(b), _log_text(b)
+    sft = tree.run("sft")
+    assert sft.parent == ("base", 40)
+    cfg = sft.config_dict()["train"]
+    assert cfg["lr"] == 2e-4 and cfg["data"] == "chat" and cfg["max_steps"] == 50
+    assert sft.latest().step == 40 + 50 and sft.status() == "finished"  # new data: a new stage
+    assert "sft" in b.catalog and b._selected == ("sft", 90)  # refreshed, showing the job
+    assert "sft done at step 90" in _log_text(b)
+
+
+def test_browser_extend_wsd_run_past_decay_makes_new_run(store, micro):
+    base = mmnb.train("w", store=store, **micro)
+    per_epoch = base.latest().step
+    b = Browser(store)
+    b.select("w")
+    b.actions.more_epochs.value = 1
+    b.actions.extend_button.click()
+    b.wait(timeout=120)
+    assert "Traceback" not in _log_text(b), _log_text(b)
+    ext = store.run("w-2ep")
+    decay_start = max(s.step for s in base.steps() if "decay_start" in s.reasons)
+    assert ext.parent == ("w", decay_start)
+    assert ext.latest().step == 2 * per_epoch  # trained exactly the second epoch's steps
+    assert len(ext.metrics()["loss"]) == 2 * per_epoch
+    assert ext.status() == "finished"
+
+
+def test_browser_resume_from_selected_step(store, micro):
+    mmnb.train("r", store=store, max_steps=30, stop_at=10, **micro)
+    b = Browser(store)
+    b.select("r", 10)
+    b.actions.resume_button.click()
+    b.wait(timeout=120)
+    assert store.run("r").latest().step == 30
+    assert b._selected == ("r", 30)
+
+
+def test_browser_delete_asks_and_refuses_branch_points(tree):
+    b = Browser(tree)
+    b.select("base", 20)
+    b.actions.delete_button.click()
+    assert "branch point of base-b; not deleted" in _log_text(b)
+    assert b.actions.confirm_button.layout.display == "none"  # nothing to confirm
+    b.select("base", 40)
+    b.actions.delete_button.click()
+    assert b.actions.confirm_button.layout.display == ""  # a second click is needed
+    assert 40 in [s.step for s in tree.run("base").steps()]
+    b.actions.confirm_button.click()
+    assert 40 not in [s.step for s in tree.run("base").steps()]
+    assert 40 not in [v for _, v in b.slider.options]
+    assert "deleted step 40 of base" in _log_text(b)
+    b.select("base-b", 20)  # inherited: it belongs to base
+    b.actions.delete_button.click()
+    assert "belongs to base" in _log_text(b)
+
+
+def test_browser_sample_and_model_cache(tree):
+    b = Browser(tree)
+    b.select("base", 20)
+    b.sampler.tokens.value = 8
+    b.sampler.button.click()
+    assert b.sampler.sampled == ("base", 20) and b.sampler.sample is not None
+    assert "base step 20" in b.sampler.output.value
+    b.select("base-b", 20)  # the same checkpoint file, through the branch
+    b.sampler.button.click()
+    assert b.sampler.models.loads == 1
+    b.sampler.auto.value = True
+    b.slider.value = b.slider.options[-1][1]  # generates when the slider settles
+    assert b.sampler.sampled == ("base-b", b.slider.value) and b.sampler.models.loads == 2
+
+
+def test_browser_compare_aligns_branches(tree):
+    b = Browser(tree)
+    b.compare.select(["base", "base-b"])
+    assert bytes(b.compare.image.value).startswith(PNG)
+    keys = b.compare.plot.keys()
+    assert {"base", "base-b", "base-b/branch"} <= set(keys)
+    x, _ = b.compare.plot._artists["base-b"][1].get_data()
+    assert x[0] == 20 and x[-1] == 30  # only the branch's own part, from its branch point
+
+
+def test_callback_errors_land_in_the_output(tree, monkeypatch):
+    b = Browser(tree)
+    b.actions.numbers["lr"].value = "fast"
+    b.actions.branch_button.click()
+    assert "branch: lr: 'fast' is not a number" in _log_text(b)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("weights on fire")
+
+    monkeypatch.setattr("mmnb.widgets.sampler.generate", broken)
+    b.sampler.button.click()
+    text = _log_text(b)
+    assert "Traceback" in text and "RuntimeError: weights on fire" in text
+
+
+def test_background_failure_of_an_action_is_shown(tree, monkeypatch):
+    def explode(self):
+        raise RuntimeError("step exploded")
+
+    monkeypatch.setattr(Trainer, "_train_step", explode)
+    b = Browser(tree)
+    b.select("base", 20)
+    b.actions.branch_button.click()
+    b.wait(timeout=60)
+    assert "RuntimeError: step exploded" in _log_text(b)
+
+
+def test_parse_number_names_the_field():
+    assert parse_number("lr", " 1e-3 ", float) == 1e-3
+    assert parse_number("max_steps", "2_000", int) == 2000
+    assert parse_number("epochs", "", int) is None
+    with pytest.raises(ValueError, match="epochs: '1.5' is not an integer"):
+        parse_number("epochs", "1.5", int)
+
+
+def test_browser_of_empty_store_and_fresh_process(store, micro):
+    b = Browser(store)
+    assert "no runs" in b.meta.value and b.slider.disabled
+    mmnb.train("fresh", store=store, max_steps=10, save_every=5, **micro)
+    b.refresh()
+    assert b._selected == ("fresh", 10)
+    # A fresh process (a restarted kernel) needs nothing but the store.
+    code = (
+        "import mmnb, sys; b = mmnb.browse(sys.argv[1]); b.slider.value = 5; print(b.meta_text())"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(store.path)], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("fresh step 5 · epoch 0")
+
+
+def test_import_mmnb_stays_free_of_notebook_packages():
+    code = (
+        "import sys, mmnb; bad = [m for m in ('ipywidgets', 'IPython', 'matplotlib') "
+        "if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
