@@ -309,6 +309,12 @@ class MmnbMagics(Magics):
 
         walk(None, "")
         print("\n".join(lines))
+        if getattr(self.shell, "kernel", None) is not None:
+            from IPython.display import display
+
+            from .widgets import browse  # the history browser, where widgets render
+
+            display(browse(store))
 
     # ---- shared ----
     def _start(
@@ -316,16 +322,21 @@ class MmnbMagics(Magics):
     ) -> Run:
         """Run `call` (api.train/resume/branch) with the notebook's listeners; bind the run."""
         background = args.background
-        in_place = not background and self._updates_in_place()
+        dashboard = self._dashboard(name)
+        in_place = not background and self._updates_in_place() and dashboard is None
         progress = NotebookProgress(show=in_place, run=name)
         listeners: list[Callable] = [progress]
-        if not background and not in_place:
+        if not background and not in_place and dashboard is None:
             listeners.append(ConsoleProgress())  # terminal IPython: a tqdm bar
         kwargs: dict[str, Any] = {"store": store, "listeners": listeners, "background": background}
         if args.device:
             kwargs["device"] = args.device
+        if dashboard is not None:  # not in `listeners`: _close() must not remove its view
+            kwargs["listeners"] = [*listeners, dashboard]
         try:
             run = call(**kwargs)
+            if dashboard is not None:
+                dashboard.attach(run)  # its Stop and Checkpoint buttons act on this run
         except KeyboardInterrupt:
             _close(listeners)
             self._interrupted(progress, store)
@@ -365,6 +376,19 @@ class MmnbMagics(Magics):
             f"interrupted: step {saved.step} of run {run.name} is checkpointed in "
             f"{run.run_file} (%resume {run.name} continues it)"
         )
+
+    def _dashboard(self, name: str | None) -> Any:
+        """In a kernel (a front-end that renders widgets) the live dashboard of
+        `mmnb.widgets`, displayed now; None elsewhere (terminal IPython, tests' shells)."""
+        if getattr(self.shell, "kernel", None) is None:
+            return None
+        from IPython.display import display
+
+        from .widgets import Dashboard  # ipywidgets and matplotlib only when a kernel asks
+
+        dashboard = Dashboard(name)
+        display(dashboard)
+        return dashboard
 
     def _updates_in_place(self) -> bool:
         # A kernel's front-end replaces an output by display_id; IPython's capture records the
