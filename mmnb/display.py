@@ -22,6 +22,7 @@ from typing import Any
 
 from IPython.display import display
 
+from .progress import metric_parts
 from .store import StepInfo
 from .train import Event
 
@@ -49,12 +50,7 @@ class Snapshot:
         else:
             parts.append(f"step {self.step}")
         parts.append(f"epoch {self.epoch}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.lr is not None:
-            parts.append(f"lr {self.lr:.2e}")
-        if self.tokens_per_s is not None:
-            parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+        parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.saved is not None:
             parts.append(f"saved step {self.saved.step}")
         parts.append(self.state)

@@ -15,6 +15,18 @@ from tqdm import tqdm
 from .train import Event
 
 
+def metric_parts(loss: float | None, lr: float | None, tokens_per_s: float | None) -> list[str]:
+    """The metrics of a progress line, formatted the same by every renderer."""
+    parts = []
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.2e}")
+    if tokens_per_s is not None:
+        parts.append(f"{tokens_per_s:,.0f} tok/s")
+    return parts
+
+
 class ConsoleProgress:
     """A listener: `mmnb.train(..., listeners=[ConsoleProgress()])`."""
 

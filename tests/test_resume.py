@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import assert_same_state, cli_args, mmnb
+from conftest import MICRO, assert_same_state, cli_args, mmnb
 from mmnb.store import Store
 
 
@@ -23,19 +23,7 @@ def steps_per_epoch(store: Store, name: str) -> int:
 def straight(tmp_path_factory, small_corpus):
     """One uninterrupted 2-epoch run that several split runs are compared against."""
     store = Store(tmp_path_factory.mktemp("straight"))
-    options = dict(
-        preset="tiny",
-        hidden_size=32,
-        layers=1,
-        heads=2,
-        kv_heads=1,
-        intermediate_size=64,
-        vocab_size=300,
-        max_seq_len=32,
-        batch_size=4,
-        epochs=2,
-        data=str(small_corpus),
-    )
+    options = {**MICRO, "epochs": 2, "data": str(small_corpus)}
     mmnb("train", "base", "--store", str(store.path), "--no-sample", *cli_args(options))
     return store, options
 

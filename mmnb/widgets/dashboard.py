@@ -20,6 +20,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from ..progress import metric_parts
 from ..store import Run
 from ..train import Event
 from .layout import close_tree
@@ -205,12 +206,7 @@ class Dashboard:
             done = self.epoch + (self.step - self._epoch_start) / spe
             end = done + max(self.total - self.step, 0) / spe
             parts.append(f"epoch {done:.2f}/{end:.3g}")
-        if self.loss is not None:
-            parts.append(f"loss {self.loss:.4f}")
-        if self.lr is not None:
-            parts.append(f"lr {self.lr:.2e}")
-        if self.tokens_per_s is not None:
-            parts.append(f"{self.tokens_per_s:,.0f} tok/s")
+        parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.eta is not None and self.state == "training":
             parts.append(f"ETA {_clock(self.eta)}")
         if self.checkpoints:
