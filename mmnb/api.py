@@ -7,8 +7,13 @@ A front-end (CLI, magics, widgets) parses user input into keyword options and pa
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
+import time
+import warnings
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +31,11 @@ from .config import (
     resolve,
 )
 from .data import build_dataset, tokenizer_for
+from .dist import Parallel, session_accum
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError
+from .store import CorruptCheckpoint, Run, Store, StoreError
+from .store.sharded import commit_sharded, load_lazy
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 
@@ -58,7 +65,8 @@ def train(
     *,
     store: Store | str | None = None,
     listeners: Iterable[Listener] = (),
-    device: str = "cpu",
+    device: str = "auto",
+    shard: bool = False,
     start: bool = True,
     background: bool = False,
     **options: Any,
@@ -68,22 +76,61 @@ def train(
     `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
+    `device="auto"` picks CUDA, then MPS, then CPU. Under torchrun every rank calls this
+    (`mmnb.dist`): DDP, or FSDP2 with `shard=True`.
     """
     store = _store(store)
     options = _normalise(options)
-    preset = options.pop("preset", "tiny")
-    model_cfg, train_cfg = resolve(preset, **options)
-    tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
-    if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        # A given tokenizer decides the vocabulary; the embedding follows it.
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
-    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
-    handle = store.create_run(
-        run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
-    )
-    handle.open_writer()
+    par = Parallel.from_env(device, shard)
     try:
+        _no_background(par, background)
+        if par.restarts:
+            # torchrun restarted the group after a failure: continue the run this job made.
+            made = par.decide(lambda: _restarted_run(store, run, par))
+            if made is not None:
+                session = {k: v for k, v in options.items() if k in SESSION_FIELDS}
+                return _resume(par, store, made, None, None, None, None, listeners, **session)
+        return _train(par, store, run, listeners, start, background, options)
+    except BaseException:
+        par.close()
+        raise
+
+
+def _train(
+    par: Parallel,
+    store: Store,
+    run: str | None,
+    listeners: Iterable[Listener],
+    start: bool,
+    background: bool,
+    options: dict[str, Any],
+) -> Run:
+    preset = options.pop("preset", "tiny")
+    made: dict[str, Run] = {}  # rank 0's handle, holding the writer lock
+
+    def prepare() -> tuple[str, ModelConfig, TrainConfig, str]:
+        # Rank 0 decides: config, tokenizer (trained once), run name; it creates the run.
+        model_cfg, train_cfg = resolve(preset, **options, world_size=par.world_size)
+        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+            # A given tokenizer decides the vocabulary; the embedding follows it.
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+        dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+        _check_fits(dataset, train_cfg, par)
+        handle = store.create_run(
+            run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+        )
+        handle.open_writer()
+        made["run"] = handle
+        return handle.name, model_cfg, train_cfg, tokenizer.to_json()
+
+    name, model_cfg, train_cfg, tokenizer_json = par.decide(prepare)
+    handle = made.get("run") or Run(store, name)
+    try:
+        dataset = build_dataset(
+            train_cfg.data, Tokenizer.from_json(tokenizer_json), train_cfg.max_seq_len
+        )
+        trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
         _attach(handle, trainer, listeners)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
     except BaseException:
@@ -101,7 +148,8 @@ def resume(
     more_epochs: int | None = None,
     name: str | None = None,
     listeners: Iterable[Listener] = (),
-    device: str = "cpu",
+    device: str = "auto",
+    shard: bool = False,
     background: bool = False,
     **options: Any,
 ) -> Run:
@@ -111,32 +159,69 @@ def resume(
     from its decay-start checkpoint into a new run (`name`, default `<run>-<E>ep`), which
     equals a run planned that long from the start; a cosine run is re-planned from its current
     step and the result differs from one planned that long (a `notice` event says so).
-    Only session options (stop_at, time_budget, save_every, …) may be given.
+    Only session options (stop_at, time_budget, save_every, …) may be given. At another world
+    size than the run's, the global batch is kept by dividing its micro-batches anew.
     """
     store = _store(store)
-    handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
-    for key in options:
-        if key not in SESSION_FIELDS:
-            what = (
-                "defines the run's trajectory"
-                if key in TRAJECTORY_FIELDS
-                else "is not a session option"
-            )
-            raise ValueError(f"{key} {what}; change it on a branch (mmnb branch), not on resume")
-    if epochs is not None and more_epochs is not None:
-        raise ValueError("give epochs or more_epochs, not both")
-    for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{label} must be positive, got {value}")
+    par = Parallel.from_env(device, shard)
+    try:
+        _no_background(par, background)
+        return _resume(
+            par, store, run, step, epochs, more_epochs, name, listeners, background, **options
+        )
+    except BaseException:
+        par.close()
+        raise
+
+
+def _resume(
+    par: Parallel,
+    store: Store,
+    run: str | None,
+    step: int | None,
+    epochs: int | None,
+    more_epochs: int | None,
+    name: str | None,
+    listeners: Iterable[Listener],
+    background: bool = False,
+    **options: Any,
+) -> Run:
+    made: dict[str, Run] = {}
+
+    def prepare() -> str:
+        handle = store.run(run) if run is not None else store.newest()
+        for key in options:
+            if key not in SESSION_FIELDS:
+                what = (
+                    "defines the run's trajectory"
+                    if key in TRAJECTORY_FIELDS
+                    else "is not a session option"
+                )
+                raise ValueError(
+                    f"{key} {what}; change it on a branch (mmnb branch), not on resume"
+                )
+        if epochs is not None and more_epochs is not None:
+            raise ValueError("give epochs or more_epochs, not both")
+        for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
+            if value is not None and value <= 0:
+                raise ValueError(f"{label} must be positive, got {value}")
+        _, cfg = config_from_dict(handle.config_dict())
+        session_accum(cfg.world_size, cfg.batch_size, cfg.accum, par.world_size)
+        handle.open_writer()
+        made["run"] = handle
+        if step is not None:
+            handle.step_info(step)
+        return handle.name
+
+    run_name = par.decide(prepare)
+    handle = made.get("run") or Run(store, run_name)
     model_cfg, train_cfg = config_from_dict(handle.config_dict())
     train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
-    handle.open_writer()
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
-        state = handle.load(step)
-        trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
+        trainer = _restore(handle, step, model_cfg, train_cfg, handle.tokenizer_json(), par, stage)
     except BaseException:
         handle.close_writer()
         raise
@@ -158,10 +243,13 @@ def resume(
     new_plan = plan_for(extended, trainer.steps_per_epoch, start=old.start)
     if new_plan.end <= trainer.step:
         handle.close_writer()
-        raise ValueError(
+        error = ValueError(
             f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} epochs "
             f"({new_plan.end} steps) does not extend it"
         )
+        if not par.is_main:
+            error.reported_elsewhere = True  # type: ignore[attr-defined]
+        raise error
     if old.kind == "wsd" and trainer.step > old.decay_start:
         # The decayed steps depend on the old horizon: continue from the decay start instead,
         # in a new run, so the decayed run stays as its own leaf.
@@ -169,6 +257,7 @@ def resume(
         base = re.sub(r"-\d+ep$", "", handle.name)  # one-2ep extends to one-3ep
         new_name = name or f"{base}-{new_epochs}ep"
         return _branch(
+            par,
             store,
             handle,
             old.decay_start,
@@ -176,7 +265,6 @@ def resume(
             model_cfg,
             extended,
             listeners,
-            device,
             background=background,
         )
     if old.kind in ("cosine", "minimind") and trainer.step > old.start + old.warmup:
@@ -196,11 +284,12 @@ def resume(
         )
     trainer.config = extended
     trainer.plan = new_plan
-    history = handle.info().get("history", [])
-    history.append(
-        {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
-    )
-    handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
+    if par.is_main:
+        history = handle.info().get("history", [])
+        history.append(
+            {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
+        )
+        handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
     _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
@@ -214,7 +303,8 @@ def branch(
     *,
     store: Store | str | None = None,
     listeners: Iterable[Listener] = (),
-    device: str = "cpu",
+    device: str = "auto",
+    shard: bool = False,
     start: bool = True,
     background: bool = False,
     **overrides: Any,
@@ -226,36 +316,69 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
-    parent = store.run(run)
-    if step is None:
-        latest = parent.latest()
-        if latest is None:
-            raise StoreError(f"run {run!r} has no checkpoint to branch from")
-        step = latest.step
-    parent.step_info(step)
     overrides = {MODEL_ALIASES.get(k, k): v for k, v in _normalise(overrides).items()}
-    model_cfg, train_cfg = config_from_dict(parent.config_dict())
-    model_kw = {k: overrides.pop(k) for k in list(overrides) if k in MODEL_FIELDS}
-    for key, value in model_kw.items():
-        if key != "dropout" and value != getattr(model_cfg, key):
-            raise ValueError(
-                f"{key} changes the model's shape; a branch keeps the parent's weights"
+    par = Parallel.from_env(device, shard)
+    try:
+        _no_background(par, background)
+        if par.restarts:
+            made = par.decide(lambda: _restarted_run(store, name, par))
+            if made is not None:
+                session = {k: v for k, v in overrides.items() if k in SESSION_FIELDS}
+                return _resume(par, store, made, None, None, None, None, listeners, **session)
+
+        def prepare() -> tuple[str, int, ModelConfig, TrainConfig]:
+            parent = store.run(run)
+            at = step
+            if at is None:
+                latest = parent.latest()
+                if latest is None:
+                    raise StoreError(f"run {run!r} has no checkpoint to branch from")
+                at = latest.step
+            parent.step_info(at)
+            options = dict(overrides)
+            model_cfg, train_cfg = config_from_dict(parent.config_dict())
+            model_kw = {k: options.pop(k) for k in list(options) if k in MODEL_FIELDS}
+            for key, value in model_kw.items():
+                if key != "dropout" and value != getattr(model_cfg, key):
+                    raise ValueError(
+                        f"{key} changes the model's shape; a branch keeps the parent's weights"
+                    )
+            unknown = [k for k in options if k not in TRAIN_FIELDS or k == "preset"]
+            if unknown:
+                raise ValueError(f"unknown branch option {unknown[0]!r}")
+            if "epochs" in options and "max_steps" not in options:
+                options["max_steps"] = None  # a horizon in epochs replaces one in steps
+            if "batch_size" in options or "accum" in options:
+                options["world_size"] = par.world_size  # a new batch is per rank of this job
+            new_model = dataclasses.replace(model_cfg, **model_kw)
+            new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
+            new_model.validate()
+            new_train.validate()
+            session_accum(
+                new_train.world_size, new_train.batch_size, new_train.accum, par.world_size
             )
-    unknown = [k for k in overrides if k not in TRAIN_FIELDS or k == "preset"]
-    if unknown:
-        raise ValueError(f"unknown branch option {unknown[0]!r}")
-    if "epochs" in overrides and "max_steps" not in overrides:
-        overrides["max_steps"] = None  # a horizon given in epochs replaces one given in steps
-    new_model = dataclasses.replace(model_cfg, **model_kw)
-    new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **overrides})
-    new_model.validate()
-    new_train.validate()
-    return _branch(
-        store, parent, step, name, new_model, new_train, listeners, device, start, background
-    )
+            return parent.name, at, new_model, new_train
+
+        parent_name, at, new_model, new_train = par.decide(prepare)
+        return _branch(
+            par,
+            store,
+            store.run(parent_name),
+            at,
+            name,
+            new_model,
+            new_train,
+            listeners,
+            start,
+            background,
+        )
+    except BaseException:
+        par.close()
+        raise
 
 
 def _branch(
+    par: Parallel,
     store: Store,
     parent: Run,
     step: int,
@@ -263,7 +386,6 @@ def _branch(
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     listeners: Iterable[Listener],
-    device: str,
     start: bool = True,
     background: bool = False,
 ) -> Run:
@@ -271,43 +393,63 @@ def _branch(
     new_stage = any(getattr(train_cfg, k) != getattr(parent_train, k) for k in DATA_FIELDS)
     tokenizer_json = parent.tokenizer_json()
     if train_cfg.tokenizer and train_cfg.tokenizer != parent_train.tokenizer:
-        tokenizer = Tokenizer.from_file(train_cfg.tokenizer)
-        if tokenizer.vocab_size != model_cfg.vocab_size:
-            raise ValueError(
-                f"tokenizer {train_cfg.tokenizer} has {tokenizer.vocab_size} tokens; the model "
-                f"has {model_cfg.vocab_size}"
-            )
-        tokenizer_json = tokenizer.to_json()
+
+        def read_tokenizer() -> str:
+            tokenizer = Tokenizer.from_file(train_cfg.tokenizer)
+            if tokenizer.vocab_size != model_cfg.vocab_size:
+                raise ValueError(
+                    f"tokenizer {train_cfg.tokenizer} has {tokenizer.vocab_size} tokens; the "
+                    f"model has {model_cfg.vocab_size}"
+                )
+            return tokenizer.to_json()
+
+        tokenizer_json = par.decide(read_tokenizer)
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
-    trainer = _restore(parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage)
-    handle = store.create_run(
-        name or store.new_name(f"{parent.name}-b"),
-        config_to_dict(model_cfg, train_cfg),
-        tokenizer_json,
-        parent=(parent.name, step),
-        stage=stage,
-    )
-    handle.open_writer()
+    trainer = _restore(parent, step, model_cfg, train_cfg, tokenizer_json, par, stage)
+    made: dict[str, Run] = {}
+
+    def create() -> str:
+        handle = store.create_run(
+            name or store.new_name(f"{parent.name}-b"),
+            config_to_dict(model_cfg, train_cfg),
+            tokenizer_json,
+            parent=(parent.name, step),
+            stage=stage,
+        )
+        handle.open_writer()
+        made["run"] = handle
+        return handle.name
+
+    run_name = par.decide(create)
+    handle = made.get("run") or Run(store, run_name)
     _attach(handle, trainer, listeners)
     return _launch(handle, trainer, start, background)
 
 
 def _restore(
-    state: dict[str, Any],
+    source: Run,
+    step: int | None,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     tokenizer_json: str,
-    device: str,
+    par: Parallel,
     branch_stage: dict[str, Any] | None = None,
 ) -> Trainer:
-    """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
-    checkpoint holds the parent's plan and data position; the branch's own follow from its
-    config, deterministically."""
+    """A Trainer holding the state of `source`'s checkpoint `step` (newest readable if None).
+
+    At a branch point (`branch_stage` given) the inherited checkpoint holds the parent's plan
+    and data position; the branch's own follow from its config, deterministically."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
+    if par.distributed:  # rank 0 tokenises (or finds the cache) first, then the others
+        par.decide(lambda: build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len) and 0)
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
-    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
-    trainer.load_state_dict(state)
+    trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
+    if par.distributed:
+        state = _load_agreed(source, step, trainer, par)
+    else:
+        state = source.load(step)
+        trainer.load_state_dict(state)
     if branch_stage is not None and trainer.step == branch_stage["start"]:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
@@ -316,39 +458,135 @@ def _restore(
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
     elif state["data"]["fingerprint"] != dataset.fingerprint:
-        raise StoreError(
+        error = StoreError(
             f"the data ({train_cfg.data or 'bundled corpus'}) changed since the checkpoint "
             "was written; restore it or branch with --data"
         )
+        if not par.is_main:
+            error.reported_elsewhere = True  # type: ignore[attr-defined]
+        raise error
     return trainer
 
 
+def _load_agreed(source: Run, step: int | None, trainer: Trainer, par: Parallel) -> dict:
+    """Every rank loads the same checkpoint, reading only what it holds; the newest one every
+    rank could read (a corrupt shard seen by any rank makes all fall back to an older one)."""
+    steps = [step] if step is not None else par.decide(lambda: [s.step for s in source.steps()])
+    for candidate in reversed(steps):
+        error: StoreError | None = None
+        try:
+            state = load_lazy(source, candidate)
+            trainer.load_state_dict(state)
+        except CorruptCheckpoint as err:
+            error = err
+        if not par.any(error is not None):
+            return state
+        if step is not None:
+            raise error or StoreError(
+                f"checkpoint {candidate} of run {source.name!r} is corrupt (seen by another rank)"
+            )
+        if error is not None:
+            warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
+    raise StoreError(f"run {source.name!r} has no readable checkpoint")
+
+
+def _check_fits(dataset: Any, train_cfg: TrainConfig, par: Parallel) -> None:
+    """The Trainer's own checks of the batch against the data, before a run is created."""
+    accum = session_accum(
+        train_cfg.world_size, train_cfg.batch_size, train_cfg.accum, par.world_size
+    )
+    needed = par.world_size * train_cfg.batch_size * accum
+    if len(dataset) < needed:
+        raise ValueError(
+            f"the dataset has {len(dataset)} samples of {train_cfg.max_seq_len} tokens, fewer "
+            f"than one optimizer step needs ({needed}: world_size {par.world_size} x batch_size "
+            f"{train_cfg.batch_size} x accum {accum})"
+        )
+
+
+def _restarted_run(store: Store, name: str | None, par: Parallel) -> str | None:
+    """The run this torchrun job made before the agent restarted it, if it made one."""
+    runs = [store.run(name)] if name is not None and (store.path / name).is_dir() else []
+    if name is None:
+        runs = sorted(store.runs(), key=lambda r: r.run_file.stat().st_mtime, reverse=True)
+    for r in runs:
+        for entry in r.info().get("history", []):
+            if entry.get("session", {}).get("job") == par.job and par.job is not None:
+                return r.name
+    return None
+
+
+def _no_background(par: Parallel, background: bool) -> None:
+    if background and par.distributed:
+        raise ValueError("--background trains in a thread of one process; not under torchrun")
+
+
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+    par = trainer.parallel
     handle.trainer = trainer
-    trainer.listeners.extend(listeners)
+    if par.is_main:  # only rank 0 reports progress
+        trainer.listeners.extend(listeners)
+        history = handle.info().get("history", [])
+        history.append({"step": trainer.step, "session": _session_record(trainer)})
+        handle.update_attrs(history=history)
+    log = os.environ.get("MMNB_SAMPLE_LOG")
+    if log:
+        trainer.on_batch = sample_logger(Path(log), par.rank)
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
-        info = handle.commit(t.state_dict(), reasons, tags)
-        protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
-        handle.prune(cfg.keep_last, cfg.keep_every, protect)
+        if par.distributed:
+            info = commit_sharded(handle, t.state_dict(), reasons, tags, par)
+        else:
+            info = handle.commit(t.state_dict(), reasons, tags)
+        if par.is_main:
+            protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
+            handle.prune(cfg.keep_last, cfg.keep_every, protect)
         return info
 
     trainer.saver = save
 
 
+def _session_record(trainer: Trainer) -> dict[str, Any]:
+    """What the run's history keeps of one training session (process layout, precision)."""
+    cfg = trainer.config
+    return {
+        **trainer.parallel.describe(),
+        "batch_size": cfg.batch_size,
+        "accum": trainer.accum,
+        "dtype": cfg.dtype,
+        "tf32": cfg.tf32,
+        "started": time.time(),
+    }
+
+
+def sample_logger(folder: Path, rank: int) -> Callable[[int, int, Any], None]:
+    """An `on_batch` hook appending `{step, micro, samples}` lines to `folder/rank<r>.jsonl`:
+    the sample indices each rank actually fed, to audit the global sample sequence."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank{rank}.jsonl"
+
+    def log(step: int, micro: int, indices: Any) -> None:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "micro": micro, "samples": indices.tolist()}) + "\n")
+
+    return log
+
+
 def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
     """Train in this thread, in a background thread, or not at all; the lock is released
-    when training ends however it ends."""
+    (and a distributed process leaves its group) when training ends however it ends."""
 
     def fit() -> None:
         try:
             trainer.fit()
         finally:
             handle.close_writer()
+            trainer.parallel.close()
 
     if not start:
         handle.close_writer()
+        trainer.parallel.close()
     elif background:
         handle.start_thread(fit)
     else:

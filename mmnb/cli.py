@@ -17,8 +17,10 @@ from typing import Any
 
 from . import api
 from .data import DataError
+from .dist import env_world, torchrun_command, worker_argv
 from .options import (
     COMMON_OPTIONS,
+    DIST_OPTIONS,
     RUN_OPTIONS,
     SAMPLE_OPTIONS,
     SESSION_OPTIONS,
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     extend.add_argument("--epochs", type=int, help="extend the plan to E epochs in all")
     extend.add_argument("--more-epochs", type=int, help="extend the plan by K epochs")
     resume.add_argument("--name", dest="new_name", help="name of the run an extension creates")
-    add_options(resume, SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS)
+    add_options(resume, SESSION_OPTIONS + COMMON_OPTIONS + DIST_OPTIONS + SAMPLE_OPTIONS)
 
     branch = sub.add_parser("branch", help="new run from a checkpoint, with overrides")
     branch.add_argument("name", metavar="RUN", help="parent run")
@@ -63,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     branch.add_argument("--name", dest="new_name", help="name of the new run")
     add_options(
         branch,
-        _without(RUN_OPTIONS, "--preset") + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS,
+        _without(RUN_OPTIONS, "--preset")
+        + SESSION_OPTIONS
+        + COMMON_OPTIONS
+        + DIST_OPTIONS
+        + SAMPLE_OPTIONS,
     )
 
     runs = sub.add_parser("runs", help="list the runs of a store")
@@ -85,26 +91,58 @@ def _without(options: list, flag: str) -> list:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:
-        args = parser.parse_args(["train", *(argv or [])])
+        argv = ["train", *argv]
+        args = parser.parse_args(argv)
+    if getattr(args, "nproc", None) is not None:
+        return _torchrun(args, argv)
+    if getattr(args, "max_restarts", None) is not None:
+        print("mmnb: error: --max-restarts needs --nproc (or torchrun's own)", file=sys.stderr)
+        return 2
+    rank = env_world()[0]  # under torchrun only rank 0 prints
     progress = ConsoleProgress()
     try:
-        return _dispatch(args, progress)
+        return _dispatch(args, progress, rank)
     except KeyboardInterrupt:
         progress.close()
-        print("interrupted; the last completed step is checkpointed", file=sys.stderr)
+        if rank == 0:
+            print("interrupted; the last completed step is checkpointed", file=sys.stderr)
         return 130
     except USER_ERRORS as err:
         progress.close()
-        print(f"mmnb: error: {err}", file=sys.stderr)
+        if not getattr(err, "reported_elsewhere", False):  # rank 0 said it already
+            where = f"[rank {rank}] " if rank else ""
+            print(f"mmnb: error: {where}{err}", file=sys.stderr)
         return 2
 
 
-def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
+def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
+    """`mmnb train --nproc N ...`: the same command in N processes started by torchrun."""
+    if env_world()[1] > 1:
+        print("mmnb: error: --nproc inside a torchrun job; drop it", file=sys.stderr)
+        return 2
+    if args.nproc < 1:
+        print(f"mmnb: error: --nproc must be positive, got {args.nproc}", file=sys.stderr)
+        return 2
+    command = torchrun_command(args.nproc, worker_argv(argv), max_restarts=args.max_restarts)
+    # The processes share this terminal's process group: Ctrl-C reaches torchrun and every
+    # rank, which stop together at the next step boundary with a checkpoint.
+    import subprocess
+
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, progress: ConsoleProgress, rank: int = 0) -> int:
     common = {"store": args.store, "listeners": [progress]} if args.command != "runs" else {}
     if getattr(args, "device", None):
         common["device"] = args.device
+    if getattr(args, "shard", False):
+        common["shard"] = True
     if args.command == "train":
         if args.name and args.run_flag and args.name != args.run_flag:
             raise ValueError(f"two run names given: {args.name!r} and {args.run_flag!r}")
@@ -137,6 +175,8 @@ def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
         print(completion if args.chat else args.prompt + completion)
         return 0
     progress.close()
+    if rank:
+        return 0
     latest = run.latest()
     print(f"run {run.name}: step {latest.step}, loss {latest.loss:.4f}, status {run.status()}")
     print(f"store: {run.run_file}")

@@ -75,7 +75,7 @@ class ModelConfig:
 
 
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -101,7 +101,11 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still logged)
-    dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
+    dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler; weights stay fp32)
+    tf32: bool = False  # allow TF32 matmuls on CUDA (faster, not bit-compatible with fp32)
+    world_size: int = (
+        1  # processes the global batch (world_size x batch_size x accum) is planned for
+    )
     seed: int = 1337  # the one seed: init, data order and dropout all derive from it
     log_every: int = 10  # optimizer steps between progress updates
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the automatic ones
@@ -111,7 +115,7 @@ class TrainConfig:
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
 
     def validate(self) -> None:
-        for name in ("max_seq_len", "epochs", "batch_size", "accum"):
+        for name in ("max_seq_len", "epochs", "batch_size", "accum", "world_size"):
             _positive(name, getattr(self, name))
         if self.max_seq_len < 2:
             raise ValueError("max_seq_len must be at least 2")
@@ -251,6 +255,7 @@ TRAJECTORY_FIELDS = MODEL_FIELDS + (
     "accum",
     "seed",
     "dtype",
+    "tf32",
 )
 
 

@@ -42,7 +42,14 @@ RUN_OPTIONS: list[Option] = [
     _opt("--grad-clip", type=float, help="max grad norm (0 = no clipping)"),
     _opt("--seed", type=int, help="seed of init, data order and dropout (default 1337)"),
     _opt(
-        "--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="fp32, or bf16/fp16 autocast with fp32 master weights (fp16 with loss scaling)",
+    ),
+    _opt(
+        "--tf32",
+        action=argparse.BooleanOptionalAction,
+        help="allow TF32 matmuls on CUDA (off by default: exact fp32)",
     ),
     _opt("--dropout", type=float, help="dropout probability"),
     _opt("--max-seq-len", type=int, help="tokens per sample"),
@@ -70,7 +77,29 @@ SESSION_OPTIONS: list[Option] = [
 
 COMMON_OPTIONS: list[Option] = [
     _opt("--store", help="store folder (default $MMNB_STORE or ./mmnb-runs)"),
-    _opt("--device", help="torch device (default cpu)"),
+    _opt("--device", help="auto (default: cuda, else mps, else cpu), cpu, cuda, cuda:N, mps"),
+]
+
+# Processes: torchrun's, started for you (`--nproc`), or already around you (`torchrun ... -m mmnb`).
+DIST_OPTIONS: list[Option] = [
+    _opt(
+        "--nproc",
+        type=int,
+        help="train with N processes on this machine (torchrun; DDP, or FSDP2 with --shard)",
+    ),
+    _opt(
+        "--shard",
+        "--fsdp",
+        dest="shard",
+        action="store_true",
+        default=False,
+        help="shard weights and optimizer state over the processes (FSDP2)",
+    ),
+    _opt(
+        "--max-restarts",
+        type=int,
+        help="with --nproc: restart the processes up to K times after a failure (torchrun's)",
+    ),
 ]
 
 # The run name as a flag, for scripts that build argument lists (same as the positional RUN).
@@ -89,7 +118,7 @@ SAMPLE_OPTIONS: list[Option] = [
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + DIST_OPTIONS + SAMPLE_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.
@@ -121,7 +150,7 @@ def add_options(parser: argparse.ArgumentParser, options: list[Option]) -> None:
 
 
 def dests(options: list[Option]) -> list[str]:
-    return [flags[0].lstrip("-").replace("-", "_") for flags, _ in options]
+    return [kw.get("dest") or flags[0].lstrip("-").replace("-", "_") for flags, kw in options]
 
 
 def collect(args: argparse.Namespace, options: list[Option]) -> dict[str, Any]:

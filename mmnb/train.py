@@ -27,6 +27,7 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
+from .dist import Parallel, session_accum
 from .model import MiniMind
 from .schedule import Plan
 
@@ -77,14 +78,15 @@ class _InterruptGuard:
     optimizer-step boundary. Only the main thread receives signals; elsewhere this is inert.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self._enabled = enabled
         self._depth = 0
         self._pending = False
         self._previous: Any = None
         self._installed = False
 
     def __enter__(self) -> _InterruptGuard:
-        if threading.current_thread() is threading.main_thread():
+        if self._enabled and threading.current_thread() is threading.main_thread():
             self._previous = signal.getsignal(signal.SIGINT)
             signal.signal(signal.SIGINT, self._handle)
             self._installed = True
@@ -113,8 +115,25 @@ class _InterruptGuard:
             raise KeyboardInterrupt
 
 
+# Stop conditions that are not a pure function of the step; ranks all-reduce them per step.
+_FLAGS = ("interrupt", "stop", "requested", "time_budget")
+_NO_FLAGS = dict.fromkeys(_FLAGS, False)
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _AgreedInterrupt(Exception):
+    """Every rank stops at this boundary (a SIGINT reached one of them); checkpoint is done."""
+
+
 class Trainer:
-    """Owns the model, optimizer, plan, data position, counters and metrics of one run."""
+    """Owns the model, optimizer, plan, data position, counters and metrics of one run.
+
+    With a distributed `parallel` (one Trainer per rank, see `mmnb.dist`), the global batch
+    of an optimizer step is `world_size x batch_size x accum` samples of the run's plan: the
+    window `order[position : position + samples_per_step]` of the epoch order, of which rank r
+    feeds micro-batches `r*accum ... (r+1)*accum - 1`. The global sample sequence is the one
+    `epoch_order(seed, epoch)` defines at any world size.
+    """
 
     def __init__(
         self,
@@ -123,21 +142,30 @@ class Trainer:
         dataset: TokenDataset,
         *,
         device: str | torch.device = "cpu",
+        parallel: Parallel | None = None,
     ) -> None:
         self.model_config, self.config = model_config, train_config
         self.dataset = dataset
-        self.device = torch.device(device)
-        self.samples_per_step = train_config.batch_size * train_config.accum
+        self.parallel = par = parallel or Parallel(device=torch.device(device))
+        self.device = par.device
+        # Micro-batches of this rank per optimizer step: the run's global batch, split anew
+        # over this session's processes (a ValueError names the fields when it cannot be).
+        self.accum = session_accum(
+            train_config.world_size, train_config.batch_size, train_config.accum, par.world_size
+        )
+        self.samples_per_step = par.world_size * train_config.batch_size * self.accum
         self.steps_per_epoch = len(dataset) // self.samples_per_step
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"the dataset has {len(dataset)} samples of {train_config.max_seq_len} tokens, "
-                f"fewer than one optimizer step needs (batch_size {train_config.batch_size} x "
-                f"accum {train_config.accum})"
+                f"fewer than one optimizer step needs ({self.samples_per_step}: world_size "
+                f"{par.world_size} x batch_size {train_config.batch_size} x accum {self.accum})"
             )
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
         self.param_names = [n for n, _ in self.model.named_parameters()]
+        # What the loop calls: the model, its DDP wrapper, or the model sharded by FSDP2.
+        self.module = par.wrap(self.model)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=train_config.lr,
@@ -162,8 +190,19 @@ class Trainer:
         self._requests_lock = threading.Lock()
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
-        self._guard = _InterruptGuard()
-        self._autocast = train_config.dtype == "bf16"
+        # A distributed process never raises on SIGINT (mmnb.dist): all ranks agree to stop.
+        self._guard = _InterruptGuard(enabled=not par.distributed)
+        self._autocast = _AUTOCAST.get(train_config.dtype)
+        if self._autocast is torch.bfloat16 and self.device.type == "cuda":
+            if not torch.cuda.is_bf16_supported():
+                raise ValueError("dtype bf16 is not supported by this GPU; use --dtype fp16")
+        # fp16 needs loss scaling; the scaler's state (scale, growth tracker) is checkpointed.
+        self.scaler = par.grad_scaler(train_config.dtype == "fp16")
+        self.skipped = 0  # optimizer steps the scaler skipped for non-finite gradients
+        # Called with (step, global micro-batch, sample indices) before each micro-batch.
+        self.on_batch: Callable[[int, int, np.ndarray], None] | None = None
+        self._agreed = _NO_FLAGS  # the stop flags all ranks agreed on at the last boundary
+        self._session_start = 0.0
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -215,9 +254,10 @@ class Trainer:
 
     def _fit(self) -> str:
         cfg = self.config
-        start = time.perf_counter()
+        start = self._session_start = time.perf_counter()
         self._stop.clear()
-        with self._guard, _flush_denormals():
+        self._agreed = _NO_FLAGS
+        with self._guard, _flush_denormals(), _precision(self.device, cfg.tf32):
             self.emit(
                 "start",
                 total=self.plan.end,
@@ -237,10 +277,17 @@ class Trainer:
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
                         reasons.append(StopReason.STOP_AT)
                     requests = self._take_requests()
-                    if requests:
+                    if requests or self._agreed["requested"]:
                         reasons.append("requested")
+                    if self._agreed["interrupt"]:
+                        # Every rank saw the same flag at the same boundary: stop here together.
+                        self.checkpoint([*reasons, "interrupt"], requests=requests)
+                        self.emit("stop", reason="interrupt")
+                        raise _AgreedInterrupt
                     if reasons:
                         self.checkpoint(reasons, requests=requests)
+            except _AgreedInterrupt:
+                raise KeyboardInterrupt from None
             except KeyboardInterrupt:
                 # Gradients of an unfinished accumulation window are discarded; counters, data
                 # position and the dropout stream only ever advance at a boundary.
@@ -252,7 +299,7 @@ class Trainer:
                 self._running = False
             requests = self._take_requests()  # asked for before the loop ended
             final = [] if reason in (StopReason.DONE, StopReason.STOP_AT) else [reason]
-            if requests:
+            if self.parallel.any(bool(requests)):
                 final.append("requested")
             if final:
                 self.checkpoint(final, requests=requests)
@@ -265,11 +312,29 @@ class Trainer:
             return StopReason.DONE
         if cfg.stop_at is not None and self.step >= cfg.stop_at:
             return StopReason.STOP_AT
+        if self.parallel.distributed:  # what every rank agreed on at the last boundary
+            if self._agreed["stop"]:
+                return StopReason.REQUESTED
+            if self._agreed["time_budget"]:
+                return StopReason.TIME_BUDGET
+            return None
         if self._stop.is_set():
             return StopReason.REQUESTED
         if cfg.time_budget is not None and time.perf_counter() - start >= cfg.time_budget:
             return StopReason.TIME_BUDGET
         return None
+
+    def _local_flags(self) -> list[float]:
+        """This rank's stop conditions that are not a pure function of the step (_FLAGS)."""
+        budget = self.config.time_budget
+        with self._requests_lock:
+            requested = bool(self._requests)
+        return [
+            float(self.parallel.interrupted),
+            float(self._stop.is_set()),
+            float(requested),
+            float(budget is not None and time.perf_counter() - self._session_start >= budget),
+        ]
 
     def _checkpoint_reasons(self) -> list[str]:
         reasons = []
@@ -311,31 +376,66 @@ class Trainer:
         return self._order[1]
 
     def _train_step(self) -> None:
-        cfg, model = self.config, self.model
+        cfg, par, module = self.config, self.parallel, self.module
         lr = self.plan.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        generator = None
-        if self.model_config.dropout > 0:
-            generator = torch.Generator(self.device).manual_seed(_mix_seed(cfg.seed, self.step))
-        model.train()
+        module.train()
         order = self.epoch_indices(self.epoch)
         loss_sum = torch.zeros((), device=self.device)
         tokens = 0
-        for micro in range(cfg.accum):
-            lo = self.position + micro * cfg.batch_size
-            input_ids, labels = self.dataset.batch(order[lo : lo + cfg.batch_size])
+        batch, accum = cfg.batch_size, self.accum
+        autocast = self._autocast
+        for micro in range(accum):
+            # This rank's micro-batches are its slice of the step's window (class docstring).
+            index = par.rank * accum + micro
+            lo = self.position + index * batch
+            indices = order[lo : lo + batch]
+            if self.on_batch is not None:
+                self.on_batch(self.step, index, indices)
+            generator = None
+            if self.model_config.dropout > 0:
+                # A mask stream per (step, global micro-batch): the same at any world size.
+                seed = _mix_seed(cfg.seed, self.step, index)
+                generator = torch.Generator(self.device).manual_seed(seed)
+            input_ids, labels = self.dataset.batch(indices)
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-                out = model(input_ids, labels, generator=generator)
-            (out.loss / cfg.accum).backward()
+            with par.sync_gradients(module, micro == accum - 1):
+                with torch.autocast(
+                    self.device.type, autocast or torch.float32, enabled=autocast is not None
+                ):
+                    out = module(input_ids, labels, generator=generator)
+                self.scaler.scale(out.loss / accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
+        if par.distributed:
+            # One all-reduce per step: the loss and tokens of every rank, and the stop flags.
+            stats = torch.tensor(
+                [loss_sum.item(), float(tokens), *self._local_flags()],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            par.all_sum(stats)
+            stats = stats.tolist()
+            # The sum in float32, as one process accumulating every micro-batch would have it.
+            total = torch.tensor(stats[0], dtype=torch.float32)
+            loss = (total / (par.world_size * accum)).item()
+            tokens = int(stats[1])
+            self._agreed = {name: value > 0 for name, value in zip(_FLAGS, stats[2:], strict=True)}
+        else:
+            loss = (loss_sum / accum).item()
         with self._guard.critical():
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            self.optimizer.step()
+            self.scaler.unscale_(self.optimizer)
+            grad_norm = par.clip_grad_norm(self.model.parameters(), clip)
+            if self.scaler.is_enabled():
+                scale = self.scaler.get_scale()
+                self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
+                self.scaler.update()
+                self.skipped += int(self.scaler.get_scale() < scale)
+            else:
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens += tokens
@@ -344,7 +444,7 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
             m = self.metrics
             m["step"].append(self.step)
-            m["loss"].append((loss_sum / cfg.accum).item())
+            m["loss"].append(loss)
             m["lr"].append(lr)
             m["grad_norm"].append(grad_norm.item())
             m["tokens"].append(self.tokens)
@@ -356,7 +456,13 @@ class Trainer:
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs, as tensors, arrays and JSON-able values (no objects)."""
+        """Everything a resume needs, as tensors, arrays and JSON-able values (no objects).
+
+        With FSDP2 the weights and moments are DTensors (this rank's rows), from
+        `torch.distributed.checkpoint.state_dict.get_state_dict`; the store writes each rank's
+        rows to its shard file. Distributed, every rank calls this (it gathers the RNG states).
+        """
+        par = self.parallel
         names = self.param_names
         optim = self.optimizer.state_dict()
         state = {names[i]: dict(s) for i, s in optim["state"].items()}
@@ -367,11 +473,27 @@ class Trainer:
             }
             for g in optim["param_groups"]
         ]
-        return {
-            "model": self.model.state_dict(),
+        if par.mode == "fsdp":
+            from torch.distributed.checkpoint import state_dict as dcp
+
+            model_state = dcp.get_model_state_dict(self.model)
+            # Only once AdamW has state: on an empty optimizer get_optimizer_state_dict takes
+            # a zero-gradient step to create it, and its step count would then be off by one.
+            if self.optimizer.state:
+                sharded = dcp.get_optimizer_state_dict(self.model, self.optimizer)
+                state, groups = sharded["state"], sharded["param_groups"]
+        else:
+            model_state = self.model.state_dict()
+        rng = rng_state(self.device)
+        if par.distributed:  # every rank's streams, for that rank when resumed at this size
+            ranks = par.gather(rng)
+            if ranks is not None:
+                rng["ranks"] = {str(r): s for r, s in enumerate(ranks)}
+        sd = {
+            "model": model_state,
             "optim": {"state": state, "param_groups": groups},
             "schedule": {"plan": self.plan.to_dict(), "step": self.step},
-            "rng": rng_state(),
+            "rng": rng,
             "data": {
                 "epoch": self.epoch,
                 "position": self.position,
@@ -384,24 +506,37 @@ class Trainer:
                 "epoch": self.epoch,
                 "tokens": self.tokens,
                 "elapsed": self.elapsed,
-                "world_size": 1,
+                "world_size": par.world_size,
+                "mode": par.mode,
             },
             "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
         }
+        if self.scaler.is_enabled():
+            sd["scaler"] = {**self.scaler.state_dict(), "skipped": self.skipped}
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
-        self.model.load_state_dict(sd["model"])
-        names = self.param_names
-        index = {n: i for i, n in enumerate(names)}
+        """Restore `sd`, whose tensors may be whole tensors or `TensorRef`s not read yet
+        (`store.sharded.read_lazy`): each rank then reads only what it holds."""
         optim = sd["optim"]
-        self.optimizer.load_state_dict(
-            {
-                "state": {index[n]: dict(s) for n, s in optim["state"].items()},
-                "param_groups": [
-                    {**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]
-                ],
-            }
-        )
+        if self.parallel.mode == "fsdp":
+            _load_sharded(self.model, self.optimizer, sd["model"], optim)
+        else:
+            self.model.load_state_dict({k: _whole(v) for k, v in sd["model"].items()})
+            names = self.param_names
+            index = {n: i for i, n in enumerate(names)}
+            self.optimizer.load_state_dict(
+                {
+                    "state": {
+                        index[n]: {k: _whole(v) for k, v in s.items()}
+                        for n, s in optim["state"].items()
+                    },
+                    "param_groups": [
+                        {**g, "params": [index[n] for n in g["params"]]}
+                        for g in optim["param_groups"]
+                    ],
+                }
+            )
         # Hyperparameters come from this trainer's config (a branch may change them); lr is
         # set from the plan at every step.
         for group in self.optimizer.param_groups:
@@ -416,8 +551,15 @@ class Trainer:
         self.elapsed = float(t["elapsed"])
         self.position = int(sd["data"]["position"])
         self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
+        scaler = dict(sd.get("scaler") or {})
+        self.skipped = int(scaler.pop("skipped", 0))
+        if scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)
         if restore_rng:
-            set_rng_state(sd["rng"])
+            rng = sd["rng"]
+            # This rank's own streams when the checkpoint has them (same world size).
+            rng = rng.get("ranks", {}).get(str(self.parallel.rank), rng)
+            set_rng_state(rng, self.device)
 
 
 @contextlib.contextmanager
@@ -435,8 +577,12 @@ def _flush_denormals() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
-def rng_state() -> dict[str, Any]:
-    """The global RNG streams: torch CPU, every CUDA device, numpy's legacy global, `random`."""
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """The global RNG streams: torch CPU, CUDA, numpy's legacy global, `random`.
+
+    CUDA: the state of `device` when it is a GPU (a rank saves its own GPU's), else of every
+    GPU this process has already initialised.
+    """
     np_state = np.random.get_state()
     version, py_state, gauss = random.getstate()
     state: dict[str, Any] = {
@@ -453,12 +599,14 @@ def rng_state() -> dict[str, Any]:
             "gauss": gauss,
         },
     }
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
+        state["cuda"] = {str(device.index): torch.cuda.get_rng_state(device)}
+    elif torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = {str(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
     torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
     n = state["numpy"]
     np.random.set_state(
@@ -473,5 +621,94 @@ def set_rng_state(state: dict[str, Any]) -> None:
     p = state["python"]
     random.setstate((p["version"], tuple(int(x) for x in p["state"]), p["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        torch.cuda.set_rng_state_all([torch.as_tensor(cuda[str(i)]) for i in range(len(cuda))])
+        count = torch.cuda.device_count()
+        for index, value in state["cuda"].items():
+            if device is not None and device.type == "cuda" and int(index) != device.index:
+                continue  # another rank's GPU
+            if int(index) < count:
+                torch.cuda.set_rng_state(torch.as_tensor(value, dtype=torch.uint8), int(index))
+
+
+@contextlib.contextmanager
+def _precision(device: torch.device, tf32: bool) -> Iterator[None]:
+    """CUDA numerics while training: TF32 only when asked for, deterministic algorithms.
+
+    Exact resume needs every kernel to be deterministic; on CUDA that is
+    `torch.use_deterministic_algorithms(True)` (with cuBLAS's fixed workspace, set by
+    `mmnb.dist` before CUDA starts). CPU kernels are deterministic for a fixed thread count.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    saved = (
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.backends.cudnn.allow_tf32,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
+        torch.backends.cudnn.benchmark = saved[3]
+
+
+def _whole(value: Any) -> Any:
+    """A tensor from a checkpoint tree: read now if it is a `TensorRef`."""
+    return value.read() if hasattr(value, "read") else value
+
+
+def _load_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    model_tree: dict[str, Any],
+    optim_tree: dict[str, Any],
+) -> None:
+    """Load a checkpoint of any layout into an FSDP2 model, reading only this rank's rows.
+
+    The model's own sharded state dict says which rows of each tensor this rank holds; those
+    rows are read (from a virtual dataset over shard files, or from a whole dataset) and set
+    through `torch.distributed.checkpoint.state_dict.set_state_dict`.
+    """
+    from torch.distributed.checkpoint import state_dict as dcp
+    from torch.distributed.tensor import DTensor
+
+    def local(target: Any, value: Any) -> Any:
+        if not isinstance(target, DTensor):
+            return _whole(value).to(target.device)
+        (chunk,) = target.__create_chunk_list__()
+        start, rows = chunk.offsets[0], chunk.sizes[0]
+        if hasattr(value, "read"):
+            part = value.read((start, start + rows))
+        else:
+            part = value[start : start + rows]
+        return DTensor.from_local(
+            part.to(target.device, target.dtype),
+            target.device_mesh,
+            target.placements,
+            shape=target.shape,
+            stride=target.stride(),
+        )
+
+    model_target = dcp.get_model_state_dict(model)
+    model_state = {name: local(t, model_tree[name]) for name, t in model_target.items()}
+    dcp.set_model_state_dict(model, model_state)
+    if not optim_tree["state"]:  # a checkpoint before the first step: AdamW starts empty
+        optimizer.state.clear()
+        return
+    # (This creates AdamW's state by a zero-gradient step; the checkpoint's replaces all of it.)
+    optim_target = dcp.get_optimizer_state_dict(model, optimizer)
+    optim_state = {
+        name: {slot: local(t, optim_tree["state"][name][slot]) for slot, t in slots.items()}
+        for name, slots in optim_target["state"].items()
+    }
+    dcp.set_optimizer_state_dict(
+        model,
+        optimizer,
+        {"state": optim_state, "param_groups": optim_tree["param_groups"]},
+    )

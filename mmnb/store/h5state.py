@@ -93,11 +93,16 @@ def read_tree(group: h5py.Group, *, verify: bool = True) -> dict[str, Any]:
         if isinstance(item, h5py.Group):
             tree[key] = read_tree(item, verify=verify)
             continue
-        array = item[()]
-        if not isinstance(array, np.ndarray):  # a 0-d dataset reads as a numpy scalar
-            array = np.asarray(array)
-        if verify and _checksum(array) != item.attrs["xxh3"]:
-            raise ChecksumError(f"checksum mismatch in {item.name}")
+        if item.is_virtual:  # a sharded tensor: rows from the rank files, checked per shard
+            from .sharded import read_rows
+
+            array = read_rows(item, verify=verify)
+        else:
+            array = item[()]
+            if not isinstance(array, np.ndarray):  # a 0-d dataset reads as a numpy scalar
+                array = np.asarray(array)
+            if verify and _checksum(array) != item.attrs["xxh3"]:
+                raise ChecksumError(f"checksum mismatch in {item.name}")
         dtype = item.attrs.get("dtype")
         tree[key] = numpy_to_tensor(array, dtype) if dtype is not None else array
     return tree

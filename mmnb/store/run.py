@@ -33,6 +33,7 @@ import h5py
 import numpy as np
 
 from .h5state import ChecksumError, read_tree, write_tree
+from .sharded import SHARD_FILE, shard_files
 
 if TYPE_CHECKING:
     from .store import Store
@@ -318,6 +319,9 @@ class Run:
         for entry in sorted(ckpt.iterdir()):
             if entry.name.startswith("."):  # a temporary file of a commit that never finished
                 entry.unlink()
+            elif (shard := SHARD_FILE.match(entry.name)) is not None:
+                if not (ckpt / f"{shard.group(1)}.h5").exists():
+                    entry.unlink()  # a shard of a sharded commit that never finished
             elif _CKPT_NAME.match(entry.name) and f"{CKPT_DIR}/{entry.name}" not in known:
                 try:
                     with h5py.File(entry, "r", locking=False) as f:
@@ -333,11 +337,23 @@ class Run:
             # on user input) must leave it untouched, or it would become the store's newest.
             self._write_run_file()
 
-    def commit(self, state: dict[str, Any], reasons: list[str], tags: list[str] = ()) -> StepInfo:
+    def is_committed(self, step: int) -> bool:
+        return any(info.step == step for info in self._index or [])
+
+    def commit(
+        self,
+        state: dict[str, Any],
+        reasons: list[str],
+        tags: list[str] = (),
+        *,
+        shards: Callable[[h5py.File], int] | None = None,
+    ) -> StepInfo:
         """Write `state` as the checkpoint of its step; return its StepInfo.
 
         A step that is already committed is never rewritten (a deterministic resume from an
         older step recomputes the same state): its reasons are merged into the index instead.
+        `shards` (a sharded checkpoint, `store.sharded`) adds the virtual datasets over the
+        rank files, already on disk, and returns their bytes.
         """
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
@@ -372,10 +388,11 @@ class Run:
                 for key in STATE_GROUPS:
                     if key in state:
                         write_tree(f.create_group(key), state[key], written)
+                shard_bytes = shards(f) if shards is not None else 0
                 f.attrs["format_version"] = FORMAT_VERSION
                 f.attrs["summary"] = json.dumps(dataclasses.asdict(info))
             _fsync_file(tmp)
-            info.bytes = tmp.stat().st_size
+            info.bytes = tmp.stat().st_size + shard_bytes
             os.replace(tmp, final)
             _fsync_dir(final.parent)
         except BaseException:
@@ -403,6 +420,8 @@ class Run:
         self._index = [s for s in (self._index or []) if s.step != step]
         self._write_run_file()
         (self.path / info.file).unlink(missing_ok=True)
+        for shard in shard_files(self.path / CKPT_DIR, step):  # no longer part of a checkpoint
+            shard.unlink(missing_ok=True)
 
     def prune(self, keep_last: int, keep_every: int, protect: set[int]) -> list[int]:
         """Retention: keep the newest `keep_last` own checkpoints and every `keep_every`-th step.
