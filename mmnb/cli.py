@@ -5,6 +5,7 @@ mmnb resume [RUN] [--step N] [--epochs E | --more-epochs K]
 mmnb branch RUN [--step N] [--name NEW] [overrides]
 mmnb runs [--json]
 mmnb generate [RUN] [--step N] [--prompt TEXT]
+mmnb export RUN[@STEP] --format minimind|hf|safetensors --out PATH
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import api
+from . import api, cli_export
 from .data import DataError
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
     RUN_OPTIONS,
     SAMPLE_OPTIONS,
     SESSION_OPTIONS,
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", default="", help="text to continue")
     gen.add_argument("--chat", action="store_true", help="treat the prompt as a user message")
     add_options(gen, _without(SAMPLE_OPTIONS, "--no-sample") + COMMON_OPTIONS[:1])
+
+    cli_export.add_parser(sub)
     return parser
 
 
@@ -102,13 +106,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
-    common = {"store": args.store, "listeners": [progress]} if args.command != "runs" else {}
+    common = {"store": args.store, "listeners": [progress]}
+    if args.command in ("runs", "export"):
+        common = {}
     if getattr(args, "device", None):
         common["device"] = args.device
     if args.command == "train":
         if args.name and args.run_flag and args.name != args.run_flag:
             raise ValueError(f"two run names given: {args.name!r} and {args.run_flag!r}")
-        options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+        options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         run = api.train(args.name or args.run_flag, **common, **options)
     elif args.command == "resume":
         run = api.resume(
@@ -130,6 +136,8 @@ def _dispatch(args: argparse.Namespace, progress: ConsoleProgress) -> int:
         )
     elif args.command == "runs":
         return _list_runs(Store(args.store), args.json)
+    elif args.command == "export":
+        return cli_export.main(args)
     else:  # generate
         store = Store(args.store)
         run = store.run(args.name) if args.name else store.newest()

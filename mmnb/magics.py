@@ -38,6 +38,7 @@ from .cli import USER_ERRORS, sample_text
 from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
     NAME_OPTIONS,
     NOTEBOOK_OPTIONS,
     RUN_OPTIONS,
@@ -123,7 +124,7 @@ class MmnbMagics(Magics):
     @argument("name", nargs="?", metavar="RUN", help="run name (default run-NNN)")
     @_options(
         ("run name", NAME_OPTIONS),
-        ("model and training (mmnb train)", RUN_OPTIONS),
+        ("model and training (mmnb train)", RUN_OPTIONS + INIT_OPTIONS),
         ("this session", SESSION_OPTIONS),
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
@@ -144,13 +145,13 @@ class MmnbMagics(Magics):
         if args.name and args.run_flag and args.name != args.run_flag:
             raise UsageError(f"two run names given: {args.name!r} and {args.run_flag!r}")
         name = args.name or args.run_flag
-        options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+        options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         return self._start(functools.partial(api.train, name, **options), args, store, name)
 
     def _control(self, args: argparse.Namespace, store: Store) -> None:
         if args.status and args.stop:
             raise UsageError("give --status or --stop, not both")
-        given = collect(args, RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
+        given = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
         if given or args.background or args.run_flag:
             raise UsageError("--status and --stop take only RUN and --store")
         if args.stop:

@@ -128,11 +128,12 @@ class Run:
         return (p["run"], int(p["step"])) if p else None
 
     def info(self) -> dict[str, Any]:
-        """Run-level attributes decoded: config, parent, stage, history, created."""
+        """Run-level attributes decoded: config, parent, stage, history, lineage, created."""
         attrs = self._attrs()
-        return {
-            k: json.loads(attrs[k]) for k in ("config", "parent", "stage", "history") if k in attrs
-        } | {"created": float(attrs.get("created", 0.0))}
+        keys = ("config", "parent", "stage", "history", "lineage")
+        return {k: json.loads(attrs[k]) for k in keys if k in attrs} | {
+            "created": float(attrs.get("created", 0.0))
+        }
 
     def tokenizer_json(self) -> str:
         return str(self._attrs()["tokenizer"])

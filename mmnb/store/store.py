@@ -64,6 +64,7 @@ class Store:
         *,
         parent: tuple[str, int] | None = None,
         stage: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> Run:
         """Create `<store>/<name>/` with its run file; fails if the name is taken.
 
@@ -94,6 +95,7 @@ class Store:
             "parent": json.dumps({"run": parent[0], "step": parent[1]} if parent else None),
             "stage": json.dumps(stage or {"start": 0, "reset_data": False}),
             "history": json.dumps([]),
+            "lineage": json.dumps(lineage or {}),
             "tokenizer": tokenizer_json,
             "created": time.time(),
         }
