@@ -232,3 +232,25 @@ def test_transformers5_fused_moe_folder_imports(store, tmp_path, micro):
               max_seq_len=32, batch_size=4, start=False)  # fmt: skip
     want, got = weights_at(store, "minimind3-moe", 6), weights_at(store, "resaved", 0)
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_browser_export_button_writes_the_selected_checkpoint(store, tmp_path, monkeypatch):
+    from mmnb.widgets import Browser
+
+    monkeypatch.chdir(tmp_path)
+    b = Browser(store)
+    b.select("minimind3", 0)
+    tab = b.exporter
+    assert tab.button.description == "Export step 0"
+    tab.button.click()
+    folder = tmp_path / "minimind3-0-hf"
+    assert (folder / "config.json").is_file() and "Qwen3ForCausalLM" in b.log.text()
+    tab.format.value, tab.out.value = "minimind", "m.pth"
+    tab.button.click()
+    sd = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert torch.equal(
+        sd["model.norm.weight"], weights_at(store, "minimind3", 0)["model.norm.weight"].half()
+    )
+    tab.button.click()  # the target exists now: refused, in one line in the log
+    assert "m.pth exists" in b.log.text()
+    b.close()

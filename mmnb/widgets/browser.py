@@ -26,12 +26,13 @@ from .actions import Actions
 from .catalog import Catalog, RunEntry
 from .compare import Compare
 from .dashboard import Dashboard
+from .exporter import ExportTab
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
 from .sampler import Sampler
 
-TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Compare")
+TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Export", "Compare")
 
 
 def _size(n: int) -> str:
@@ -94,8 +95,14 @@ class Browser:
         self.sampler = Sampler(self.log, self.selection, cache_size=models)
         self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
         self.compare = Compare(self.catalog, self.log)
+        self.exporter = ExportTab(self.log, self.selection)
         self.tabs = w.Tab(
-            children=[self.sampler.view, *self.actions.views, self.compare.view],
+            children=[
+                self.sampler.view,
+                *self.actions.views,
+                self.exporter.view,
+                self.compare.view,
+            ],
             titles=TAB_TITLES,
         )
         self.jobs_box = w.VBox()
@@ -180,6 +187,7 @@ class Browser:
         self.image.value = self.plot.png()
         self.meta.value = self._meta_html(entry, info)
         self.actions.selected(entry, info)
+        self.exporter.selected(entry, info)
         self.last_update_s = time.perf_counter() - started
         self.sampler.selected(entry, info)  # may generate: not part of the slider's latency
 
