@@ -40,6 +40,11 @@ class ModelConfig:
     num_experts_per_tok: int = 1  # top-k routing
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     aux_loss_coef: float = 5e-4  # weight of the router load-balancing loss added to the LM loss
+    num_shared_experts: int = 0  # MoE: experts every token passes through (MiniMind2-MoE has 1)
+    # MoE routing and load-balancing loss as the MiniMind generation of this name does them:
+    # "minimind3" renormalises the top-k weights even for top-1 and balances over the batch;
+    # "minimind2" renormalises only top-k > 1 and balances per sequence.
+    moe_router: str = "minimind3"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -82,11 +87,14 @@ class ModelConfig:
                 "num_experts_per_tok",
                 "num_experts",
             )
+        one_of("moe_router", self.moe_router, MOE_ROUTERS)
+        non_negative("num_shared_experts", self.num_shared_experts)
         non_negative("aux_loss_coef", self.aux_loss_coef)
         positive("rms_norm_eps", self.rms_norm_eps)
         positive("rope_theta", self.rope_theta)
 
 
+MOE_ROUTERS = ("minimind3", "minimind2")
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
 
@@ -202,6 +210,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
     },
+    # MiniMind2-MoE (~145M): 4 routed experts top-2 plus 1 shared expert, per-sequence
+    # load balancing with alpha 0.01 (MiniMind2's MoEGate defaults).
+    "minimind2-moe": {
+        "model": dict(
+            vocab_size=6400,
+            hidden_size=640,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1728,
+            rms_norm_eps=1e-5,
+            use_moe=True,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            aux_loss_coef=0.01,
+            moe_router="minimind2",
+        ),
+        "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
+    },
+    # minimind-3-moe (~198M, 64M active): 4 experts top-1, HEAD's routing.
     "minimind3-moe": {
         "model": dict(
             vocab_size=6400,
@@ -214,6 +243,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             num_experts=4,
             num_experts_per_tok=1,
             aux_loss_coef=5e-4,
+            moe_router="minimind3",
         ),
         "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
     },
@@ -227,6 +257,7 @@ MODEL_ALIASES = {
     "experts": "num_experts",
     "top_k": "num_experts_per_tok",
     "moe": "use_moe",
+    "shared_experts": "num_shared_experts",
 }
 
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))

@@ -378,7 +378,10 @@ def test_runs_is_a_tree_of_branches_with_checkpoints(ip, opts, micro, tmp_path):
         ("%resume a@x {store}", "RUN@STEP needs an integer step, got 'a@x'"),
         ("%resume a@3 --step 2 {store}", "two steps given: @3 and --step 2"),
         ("%resume a --epochs -1 {store}", "--epochs must be positive, got -1"),
-        ("%resume a --epochs 2 --more-epochs 1 {store}", "give --epochs or --more-epochs, not both"),
+        (
+            "%resume a --epochs 2 --more-epochs 1 {store}",
+            "give --epochs or --more-epochs, not both",
+        ),
         ("%resume a --lr 1 {store}", "--lr changes the run's trajectory; add --branch NAME"),
         ("%resume a --branch b --more-epochs 1 {store}", "a branch's length is --epochs"),
         ("%resume a --branch b --data {tmp}/missing.jsonl {store}", "data file not found"),
