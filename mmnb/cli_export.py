@@ -1,26 +1,29 @@
-"""`mmnb export RUN[@STEP] --format minimind|hf|safetensors --out PATH`: parse, call, report."""
+"""`mmnb export RUN[@STEP] --format minimind|hf|safetensors --out PATH`: parse, call, report.
+
+Registered with `mmnb.cli` through `@command`; torch and the store are imported only when the
+command runs, so `mmnb --help` stays fast.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 
-from .store import Store
+from .cli import command
 
+FORMATS = ("minimind", "hf", "safetensors")  # = mmnb.export.FORMATS (a test checks)
+DTYPES = ("fp16", "bf16", "fp32")  # = mmnb.export.DTYPES
 _TARGET = re.compile(r"^(.+?)(?:@(\d+))?$")
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .export import DTYPES, FORMATS
-
-    p = sub.add_parser("export", help="write a checkpoint as MiniMind .pth, HF folder, safetensors")
+def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RUN[@STEP]", help="run and checkpoint (default: newest)")
     p.add_argument("--step", type=int, help="checkpoint (same as RUN@STEP)")
     p.add_argument("--format", choices=FORMATS, default="hf", help="output format (default hf)")
     p.add_argument("--out", help="output file (.pth, .safetensors) or folder (hf)")
     p.add_argument(
         "--dtype",
-        choices=list(DTYPES),
+        choices=DTYPES,
         help="weights dtype (default: fp16 for minimind, as MiniMind saves; fp32 otherwise)",
     )
     p.add_argument(
@@ -31,8 +34,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="store folder (default $MMNB_STORE or ./mmnb-runs)")
 
 
-def main(args: argparse.Namespace) -> int:
+@command("export", "write a checkpoint as a MiniMind .pth, HF folder or safetensors", _export_args)
+def export_command(args: argparse.Namespace) -> int:
     from .export import export
+    from .store import Store
 
     name, step = _TARGET.match(args.target).groups()
     if step is not None and args.step is not None and int(step) != args.step:

@@ -213,6 +213,10 @@ def test_export_cli_and_refusals(store, tmp_path, capsys):
     assert main(["export", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert "exists" in err and err.count("\n") == 1
+    from mmnb import cli_export
+    from mmnb import export as engine
+
+    assert cli_export.FORMATS == engine.FORMATS and cli_export.DTYPES == tuple(engine.DTYPES)
     with pytest.raises(ValueError, match="format must be one of"):
         export(store.run("tiny"), format="onnx", out=tmp_path / "x")
     with pytest.raises(api.StoreError, match="no checkpoint at step 99"):
