@@ -28,7 +28,7 @@ from .config import (
 from .data import build_dataset, tokenizer_for
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError
+from .store import Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 
@@ -70,6 +70,8 @@ def train(
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     """
     store = _store(store)
+    if run is not None:
+        check_run_name(run)
     options = _normalise(options)
     preset = options.pop("preset", "tiny")
     model_cfg, train_cfg = resolve(preset, **options)
@@ -114,6 +116,8 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
     for key in options:
@@ -226,6 +230,8 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     parent = store.run(run)
     if step is None:
         latest = parent.latest()

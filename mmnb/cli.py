@@ -10,8 +10,8 @@ mmnb generate [RUN] [--step N] [--prompt TEXT]
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,9 +27,12 @@ from .options import (
     collect,
 )
 from .progress import ConsoleProgress
-from .store import Run, Store, StoreError
+from .store import Run, Store, StoreError, StoreWriteError, jsonio
+from .train import NonFiniteError
 
 USER_ERRORS = (ValueError, StoreError, DataError, FileNotFoundError)
+# Training that started and could not go on: exit 1, not 2 (a usage error).
+RUN_FAILURES = (StoreWriteError, NonFiniteError)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,6 +98,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress.close()
         print("interrupted; the last completed step is checkpointed", file=sys.stderr)
         return 130
+    except RUN_FAILURES as err:
+        progress.close()
+        print(f"mmnb: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
         progress.close()
         print(f"mmnb: error: {err}", file=sys.stderr)
@@ -175,9 +182,20 @@ def run_summary(run: Run) -> dict[str, Any]:
 
 
 def _list_runs(store: Store, as_json: bool) -> int:
-    rows = [run_summary(r) for r in store.runs()]
+    rows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = store.runs()
+    problems = [str(w.message) for w in caught]
+    for run in runs:  # a damaged run is reported and skipped; the others are listed
+        try:
+            rows.append(run_summary(run))
+        except StoreError as err:
+            problems.append(f"{err}; skipping run {run.name}")
+    for text in problems:
+        print(f"mmnb: warning: {text}", file=sys.stderr)
     if as_json:
-        print(json.dumps({"store": str(store.path), "runs": rows}, indent=2))
+        print(jsonio.dumps({"store": str(store.path), "runs": rows}, indent=2))
         return 0
     if not rows:
         print(f"no runs in {store.path}")
