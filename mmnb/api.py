@@ -31,6 +31,16 @@ from .schedule import Plan
 from .store import Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
+from .validate import (
+    InvalidInput,
+    check_config,
+    check_device,
+    check_run_writable,
+    check_sampling,
+    check_stop_at,
+    check_store,
+    positive,
+)
 
 Listener = Callable[[Event], None]
 
@@ -74,7 +84,9 @@ def train(
         check_run_name(run)
     options = _normalise(options)
     preset = options.pop("preset", "tiny")
-    model_cfg, train_cfg = resolve(preset, **options)
+    model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+    device = check_device(device)
+    check_store(store.path, write=True)
     tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
     if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
         # A given tokenizer decides the vocabulary; the embedding follows it.
@@ -118,6 +130,7 @@ def resume(
     store = _store(store)
     if name is not None:
         check_run_name(name)
+    check_store(store.path, write=False)
     handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
     for key in options:
@@ -127,25 +140,38 @@ def resume(
                 if key in TRAJECTORY_FIELDS
                 else "is not a session option"
             )
-            raise ValueError(f"{key} {what}; change it on a branch (mmnb branch), not on resume")
+            raise InvalidInput(
+                f"{{0}} {what}; change it on a branch (mmnb branch), not on resume", key
+            )
     if epochs is not None and more_epochs is not None:
-        raise ValueError("give epochs or more_epochs, not both")
+        raise InvalidInput("give {0} or {1}, not both", "epochs", "more_epochs")
     for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{label} must be positive, got {value}")
+        if value is not None:
+            positive(label, value)
     model_cfg, train_cfg = config_from_dict(handle.config_dict())
     train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
+    check_config(model_cfg, train_cfg)  # the same validator as train's
+    device = check_device(device)
+    check_store(store.path, write=True)
+    check_run_writable(handle.path)
     handle.open_writer()
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
         state = handle.load(step)
         trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
+        check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         _attach(handle, trainer, listeners)
+        if trainer.finished:
+            trainer.emit(
+                "notice",
+                text=f"run {handle.name} already finished its plan at step {trainer.step}; "
+                "nothing to train (extend it with more epochs, or branch it)",
+            )
         return _launch(handle, trainer, True, background)
 
     # ---- extension: a longer plan ----
@@ -166,7 +192,11 @@ def resume(
             f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} epochs "
             f"({new_plan.end} steps) does not extend it"
         )
-    if old.kind == "wsd" and trainer.step > old.decay_start:
+    # Where the run IS, by its index: when the newest checkpoint is unreadable, `load()` fell
+    # back to an older one, but the run has still been trained (and decayed) that far.
+    latest = handle.latest()
+    reached = max(trainer.step, latest.step if latest and step is None else trainer.step)
+    if old.kind == "wsd" and reached > old.decay_start:
         # The decayed steps depend on the old horizon: continue from the decay start instead,
         # in a new run, so the decayed run stays as its own leaf.
         handle.close_writer()
@@ -232,6 +262,7 @@ def branch(
     store = _store(store)
     if name is not None:
         check_run_name(name)
+    check_store(store.path, write=True)
     parent = store.run(run)
     if step is None:
         latest = parent.latest()
@@ -244,8 +275,8 @@ def branch(
     model_kw = {k: overrides.pop(k) for k in list(overrides) if k in MODEL_FIELDS}
     for key, value in model_kw.items():
         if key != "dropout" and value != getattr(model_cfg, key):
-            raise ValueError(
-                f"{key} changes the model's shape; a branch keeps the parent's weights"
+            raise InvalidInput(
+                "{0} changes the model's shape; a branch keeps the parent's weights", key
             )
     unknown = [k for k in overrides if k not in TRAIN_FIELDS or k == "preset"]
     if unknown:
@@ -254,8 +285,9 @@ def branch(
         overrides["max_steps"] = None  # a horizon given in epochs replaces one given in steps
     new_model = dataclasses.replace(model_cfg, **model_kw)
     new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **overrides})
-    new_model.validate()
-    new_train.validate()
+    check_config(new_model, new_train)  # the same validator as train's
+    check_stop_at(new_train.stop_at, step)
+    device = check_device(device)
     return _branch(
         store, parent, step, name, new_model, new_train, listeners, device, start, background
     )
@@ -385,7 +417,13 @@ def generate(
     seed: int | None = 0,
     chat: bool = False,
 ) -> str:
-    """Continue `prompt` (or answer it as a user message with `chat`); return the new text."""
+    """Continue `prompt` (or answer it as a user message with `chat`); return the new text.
+
+    The result is only what the model wrote — never the prompt — in both modes; `mmnb generate`
+    prints the same. Decoding stops at whole characters: a multi-byte character cut by
+    `max_new_tokens`, or byte tokens that form no character, are left out (no U+FFFD).
+    """
+    check_sampling(max_new_tokens, temperature, top_p)
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
@@ -404,4 +442,5 @@ def generate(
     new = out[0, ids.shape[1] :].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    # A byte-level tokenizer decodes an incomplete UTF-8 sequence to U+FFFD; drop those.
+    return tokenizer.decode(new, skip_special_tokens=True).replace("\ufffd", "")

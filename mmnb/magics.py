@@ -34,7 +34,7 @@ from IPython.core.magic_arguments import (
 )
 
 from . import api
-from .cli import USER_ERRORS, sample_text
+from .cli import sample_text, user_errors, user_message
 from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
@@ -49,6 +49,7 @@ from .options import (
 from .progress import ConsoleProgress
 from .store import Run, StepInfo, Store, StoreError
 
+USER_ERRORS = user_errors()
 BOUND_NAME = "run"  # the user-namespace variable %train and %resume bind
 
 # %resume's own flags. --epochs is the extension target, or the branch's length with --branch.
@@ -268,7 +269,7 @@ class MmnbMagics(Magics):
         try:
             info = run.checkpoint(tags=args.tag or [])
         except USER_ERRORS as err:
-            raise UsageError(str(err)) from None
+            raise UsageError(user_message(err)) from None
         tags = f" [{', '.join(info.tags)}]" if info.tags else ""
         print(
             f"checkpoint: run {run.name} step {info.step}{tags} → {run.path / info.file} "
@@ -349,7 +350,7 @@ class MmnbMagics(Magics):
             raise
         except USER_ERRORS as err:
             _close(listeners)
-            raise UsageError(str(err)) from None
+            raise UsageError(user_message(err)) from None
         key = (store.path.resolve(), run.name)
         self.sessions.pop(key, None)  # re-inserted: the newest session comes last
         self.sessions[key] = _Session(run, progress, background)

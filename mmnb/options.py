@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import PRESETS, SCHEDULES
+from .config import MODEL_ALIASES, PRESETS, SCHEDULES
 
 Option = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -132,3 +132,35 @@ def collect(args: argparse.Namespace, options: list[Option]) -> dict[str, Any]:
         if value is not None:
             values[dest] = value
     return values
+
+
+# Flags of options declared elsewhere (resume/branch/generate) that errors may name.
+_EXTRA_FLAGS = {
+    "more_epochs": "--more-epochs",
+    "new_name": "--name",
+    "step": "--step",
+    "prompt": "--prompt",
+}
+
+
+def flag_name(field: str) -> str:
+    """The flag a user typed for a config field or API keyword: `num_attention_heads` →
+    `--heads`, `max_new_tokens` → `--max-new-tokens`; the field itself when no flag sets it.
+    Front-ends render `mmnb.validate.InvalidInput` with it."""
+    return _FLAGS.get(field, field)
+
+
+def _flags() -> dict[str, str]:
+    flags = dict(_EXTRA_FLAGS)
+    tables = RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS + NAME_OPTIONS
+    for opt_flags, kwargs in tables:
+        flag = opt_flags[0]
+        dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+        flags[dest] = flag
+    for alias, field in MODEL_ALIASES.items():  # --heads sets num_attention_heads
+        if alias in flags:
+            flags[field] = flags[alias]
+    return flags
+
+
+_FLAGS = _flags()

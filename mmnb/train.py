@@ -429,7 +429,13 @@ class Trainer:
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
-            self.emit("step", loss=m["loss"][-1], lr=lr, tokens=self.tokens)
+            self.emit(
+                "step",
+                loss=m["loss"][-1],
+                lr=lr,
+                tokens=self.tokens,
+                grad_norm=m["grad_norm"][-1],
+            )
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
