@@ -28,7 +28,7 @@ from .config import (
 from .data import build_dataset, tokenizer_for
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError
+from .store import Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 from .validate import (
@@ -80,6 +80,8 @@ def train(
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     """
     store = _store(store)
+    if run is not None:
+        check_run_name(run)
     options = _normalise(options)
     source, notices = None, []
     device = check_device(device)
@@ -159,6 +161,8 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     check_store(store.path, write=False)
     handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
@@ -289,6 +293,8 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     check_store(store.path, write=True)
     parent = store.run(run)
     if step is None:

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, StoreError, FileNotFoundError)
 
 
+def run_failures() -> tuple[type[BaseException], ...]:
+    """Training that started and could not go on (disk full, non-finite loss): exit 1."""
+    from .store import StoreWriteError
+    from .train import NonFiniteError
+
+    return (StoreWriteError, NonFiniteError)
+
+
 def user_message(err: BaseException) -> str:
     """The one line for a user error; a refused value names the flag the user typed."""
     return err.render(flag_name) if isinstance(err, InvalidInput) else str(err)
@@ -116,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; the last completed step is checkpointed", file=sys.stderr)
         return 130
     except Exception as err:
+        if isinstance(err, run_failures()):
+            print(f"mmnb: error: {err}", file=sys.stderr)
+            return 1
         if not isinstance(err, user_errors()):
             raise
         print(f"mmnb: error: {user_message(err)}", file=sys.stderr)
@@ -291,14 +303,25 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("runs", "list the runs of a store", _runs_args)
 def runs_command(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .store import Store, StoreError, jsonio
     from .validate import check_store
 
     store = Store(args.store)
     check_store(store.path, write=False)
-    rows = [run_summary(r) for r in store.runs()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = store.runs()
+    problems = [str(w.message) for w in caught]
+    rows = []
+    for run in runs:  # a damaged run is named and skipped; the others are listed
+        try:
+            rows.append(run_summary(run))
+        except StoreError as err:
+            problems.append(f"{err}; skipping run {run.name}")
+    for text in problems:
+        print(f"mmnb: warning: {text}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"store": str(store.path), "runs": rows}, indent=2))
+        print(jsonio.dumps({"store": str(store.path), "runs": rows}, indent=2))
         return 0
     if not rows:
         print(f"no runs in {store.path}")

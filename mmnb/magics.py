@@ -285,7 +285,13 @@ class MmnbMagics(Magics):
         """The store's runs as a tree (branches under their parent's step), with checkpoints."""
         args = parse_argstring(self.runs, line)
         store = Store(args.store)
-        runs = store.runs()
+        runs = []
+        for r in store.runs():  # a damaged run is named and skipped; the others are listed
+            try:
+                r.parent, r.steps(), r.status()
+                runs.append(r)
+            except StoreError as err:
+                print(f"warning: {err}; skipping run {r.name}", file=sys.stderr)
         if not runs:
             print(f"no runs in {store.path}")
             return

@@ -63,6 +63,7 @@ class Browser:
         self._quiet = False  # set while options change, so observers ignore the churn
         self._lock = threading.RLock()  # kernel callbacks vs threads following actions
         self._watchers: list[threading.Thread] = []
+        self._reported: set[str] = set()  # store problems already shown in the log
         self._dashboards: list[Dashboard] = []
         guard = self.log.guard
 
@@ -247,6 +248,10 @@ class Browser:
         """Re-read the store (only runs whose index changed) and keep the selection."""
         with self._lock:
             self.catalog.refresh()
+            for text in self.catalog.problems:  # damaged runs: said once, the rest shown
+                if text not in self._reported:
+                    self._reported.add(text)
+                    self.log.message(f"warning: {text}")
             tree = self.catalog.tree()
             self._quiet = True
             try:
@@ -307,6 +312,7 @@ class Browser:
         """The tree and the selection as text (the text/plain fallback)."""
         lines = [f"mmnb history browser: {self.store.path}"]
         lines += [self.catalog.label(n, d) for d, n in self.catalog.tree()] or ["(no runs)"]
+        lines += [f"skipped: {text}" for text in self.catalog.problems]
         lines.append("selected: " + self.meta_text())
         return "\n".join(lines)
 
