@@ -34,10 +34,19 @@ from .data import build_dataset, tokenizer_for
 from .dist import Parallel, session_accum
 from .model import MiniMind
 from .schedule import Plan
-from .store import CorruptCheckpoint, Run, Store, StoreError
+from .store import CorruptCheckpoint, Run, Store, StoreError, check_run_name
 from .store.sharded import commit_sharded, load_lazy
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
+from .validate import (
+    InvalidInput,
+    check_config,
+    check_run_writable,
+    check_sampling,
+    check_stop_at,
+    check_store,
+    positive,
+)
 
 Listener = Callable[[Event], None]
 
@@ -77,9 +86,11 @@ def train(
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     `device="auto"` picks CUDA, then MPS, then CPU. Under torchrun every rank calls this
-    (`mmnb.dist`): DDP, or FSDP2 with `shard=True`.
+    (`mmnb.dist`, docs/distributed.md): DDP, or FSDP2 with `shard=True`.
     """
     store = _store(store)
+    if run is not None:
+        check_run_name(run)
     options = _normalise(options)
     par = Parallel.from_env(device, shard)
     try:
@@ -105,38 +116,85 @@ def _train(
     background: bool,
     options: dict[str, Any],
 ) -> Run:
-    preset = options.pop("preset", "tiny")
-    made: dict[str, Run] = {}  # rank 0's handle, holding the writer lock
+    made: dict[str, Any] = {}  # rank 0's run handle (holding the writer lock) and weights
 
-    def prepare() -> tuple[str, ModelConfig, TrainConfig, str]:
+    def prepare() -> tuple[str, ModelConfig, TrainConfig, str, list[str]]:
         # Rank 0 decides: config, tokenizer (trained once), run name; it creates the run.
-        model_cfg, train_cfg = resolve(preset, **options, world_size=par.world_size)
-        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
-        if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-            # A given tokenizer decides the vocabulary; the embedding follows it.
-            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+        source, notices = None, []
+        check_store(store.path, write=True)
+        opts = dict(options, world_size=par.world_size)
+        if opts.get("init_from"):
+            source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, opts)
+        else:
+            preset = opts.pop("preset", "tiny")
+            model_cfg, train_cfg = resolve(preset, **opts)  # validates both (mmnb.validate)
+            tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+            if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+                # A given tokenizer decides the vocabulary; the embedding follows it.
+                model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
         dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
         _check_fits(dataset, train_cfg, par)
         handle = store.create_run(
-            run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+            run or store.new_name(),
+            config_to_dict(model_cfg, train_cfg),
+            tokenizer.to_json(),
+            lineage={"init_from": source.lineage} if source is not None else None,
         )
         handle.open_writer()
-        made["run"] = handle
-        return handle.name, model_cfg, train_cfg, tokenizer.to_json()
+        made.update(run=handle, source=source)
+        return handle.name, model_cfg, train_cfg, tokenizer.to_json(), notices
 
-    name, model_cfg, train_cfg, tokenizer_json = par.decide(prepare)
+    name, model_cfg, train_cfg, tokenizer_json, notices = par.decide(prepare)
     handle = made.get("run") or Run(store, name)
     try:
+        if made.get("source") is None and train_cfg.init_from:
+            made["source"] = _from_weights(store, dict(options))[0]  # every rank reads them
         dataset = build_dataset(
             train_cfg.data, Tokenizer.from_json(tokenizer_json), train_cfg.max_seq_len
         )
         trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
+        source = made.get("source")
+        if source is not None:
+            with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 weights
+                for key, tensor in trainer.model.state_dict().items():
+                    tensor.copy_(_shard_of(tensor, source.state[key]))
         _attach(handle, trainer, listeners)
+        for text in notices:
+            trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
     except BaseException:
         handle.close_writer()
         raise
     return _launch(handle, trainer, start, background)
+
+
+def _shard_of(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """`whole`, or the rows of it that this rank holds when `target` is an FSDP2 DTensor."""
+    if not hasattr(target, "to_local"):
+        return whole
+    (chunk,) = target.__create_chunk_list__()
+    start = chunk.offsets[0]
+    return whole[start : start + chunk.sizes[0]]
+
+
+def _from_weights(
+    store: Store, options: dict[str, Any]
+) -> tuple[Any, ModelConfig, TrainConfig, Tokenizer, list[str]]:
+    """Configs and tokenizer for a run that starts from `options["init_from"]`'s weights."""
+    from . import weights  # reading foreign formats only when asked to
+
+    source = weights.read_source(options["init_from"], store)
+    preset = options.pop("preset", None)
+    model_kw = {k: options.pop(k) for k in list(options) if MODEL_ALIASES.get(k, k) in MODEL_FIELDS}
+    model_cfg, chosen, notices = weights.infer_config(source, preset, model_kw)
+    _, train_cfg = resolve(chosen, **options)
+    tokenizer = weights.tokenizer_for_source(source, train_cfg.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens; {source.where} embeds only "
+            f"{model_cfg.vocab_size}"
+        )
+    return source, model_cfg, train_cfg, tokenizer, notices
 
 
 def resume(
@@ -163,6 +221,8 @@ def resume(
     size than the run's, the global batch is kept by dividing its micro-batches anew.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     options = _normalise(options)
     par = Parallel.from_env(device, shard)
     try:
@@ -190,6 +250,7 @@ def _resume(
     made: dict[str, Run] = {}
 
     def prepare() -> str:
+        check_store(store.path, write=False)
         handle = store.run(run) if run is not None else store.newest()
         for key in options:
             if key not in SESSION_FIELDS:
@@ -198,16 +259,20 @@ def _resume(
                     if key in TRAJECTORY_FIELDS
                     else "is not a session option"
                 )
-                raise ValueError(
-                    f"{key} {what}; change it on a branch (mmnb branch), not on resume"
+                raise InvalidInput(
+                    f"{{0}} {what}; change it on a branch (mmnb branch), not on resume", key
                 )
         if epochs is not None and more_epochs is not None:
-            raise ValueError("give epochs or more_epochs, not both")
+            raise InvalidInput("give {0} or {1}, not both", "epochs", "more_epochs")
         for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{label} must be positive, got {value}")
-        _, cfg = config_from_dict(handle.config_dict())
-        session_accum(cfg.world_size, cfg.batch_size, cfg.accum, par.world_size)
+            if value is not None:
+                positive(label, value)
+        model_cfg, train_cfg = config_from_dict(handle.config_dict())
+        train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
+        check_config(model_cfg, train_cfg)  # the same validator as train's
+        session_accum(train_cfg.world_size, train_cfg.batch_size, train_cfg.accum, par.world_size)
+        check_store(store.path, write=True)
+        check_run_writable(handle.path)
         handle.open_writer()
         made["run"] = handle
         if step is not None:
@@ -222,11 +287,18 @@ def _resume(
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
         trainer = _restore(handle, step, model_cfg, train_cfg, handle.tokenizer_json(), par, stage)
+        _same_everywhere(par, lambda: check_stop_at(train_cfg.stop_at, trainer.step))
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         _attach(handle, trainer, listeners)
+        if trainer.finished:
+            trainer.emit(
+                "notice",
+                text=f"run {handle.name} already finished its plan at step {trainer.step}; "
+                "nothing to train (extend it with more epochs, or branch it)",
+            )
         return _launch(handle, trainer, True, background)
 
     # ---- extension: a longer plan ----
@@ -243,14 +315,21 @@ def _resume(
     new_plan = plan_for(extended, trainer.steps_per_epoch, start=old.start)
     if new_plan.end <= trainer.step:
         handle.close_writer()
-        error = ValueError(
-            f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} epochs "
-            f"({new_plan.end} steps) does not extend it"
+        _same_everywhere(
+            par,
+            lambda: _raise(
+                ValueError(
+                    f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} "
+                    f"epochs ({new_plan.end} steps) does not extend it"
+                )
+            ),
         )
-        if not par.is_main:
-            error.reported_elsewhere = True  # type: ignore[attr-defined]
-        raise error
-    if old.kind == "wsd" and trainer.step > old.decay_start:
+    # Where the run IS, by its index: when the newest checkpoint is unreadable, `load()` fell
+    # back to an older one, but the run has still been trained (and decayed) that far.
+    latest = handle.latest()
+    reached = max(trainer.step, latest.step if latest and step is None else trainer.step)
+    reached = par.broadcast(reached)  # rank 0's index decides
+    if old.kind == "wsd" and reached > old.decay_start:
         # The decayed steps depend on the old horizon: continue from the decay start instead,
         # in a new run, so the decayed run stays as its own leaf.
         handle.close_writer()
@@ -316,6 +395,8 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     overrides = {MODEL_ALIASES.get(k, k): v for k, v in _normalise(overrides).items()}
     par = Parallel.from_env(device, shard)
     try:
@@ -327,6 +408,7 @@ def branch(
                 return _resume(par, store, made, None, None, None, None, listeners, **session)
 
         def prepare() -> tuple[str, int, ModelConfig, TrainConfig]:
+            check_store(store.path, write=True)
             parent = store.run(run)
             at = step
             if at is None:
@@ -340,8 +422,8 @@ def branch(
             model_kw = {k: options.pop(k) for k in list(options) if k in MODEL_FIELDS}
             for key, value in model_kw.items():
                 if key != "dropout" and value != getattr(model_cfg, key):
-                    raise ValueError(
-                        f"{key} changes the model's shape; a branch keeps the parent's weights"
+                    raise InvalidInput(
+                        "{0} changes the model's shape; a branch keeps the parent's weights", key
                     )
             unknown = [k for k in options if k not in TRAIN_FIELDS or k == "preset"]
             if unknown:
@@ -352,8 +434,8 @@ def branch(
                 options["world_size"] = par.world_size  # a new batch is per rank of this job
             new_model = dataclasses.replace(model_cfg, **model_kw)
             new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
-            new_model.validate()
-            new_train.validate()
+            check_config(new_model, new_train)  # the same validator as train's
+            check_stop_at(new_train.stop_at, at)
             session_accum(
                 new_train.world_size, new_train.batch_size, new_train.accum, par.world_size
             )
@@ -458,13 +540,15 @@ def _restore(
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
     elif state["data"]["fingerprint"] != dataset.fingerprint:
-        error = StoreError(
-            f"the data ({train_cfg.data or 'bundled corpus'}) changed since the checkpoint "
-            "was written; restore it or branch with --data"
+        _same_everywhere(
+            par,
+            lambda: _raise(
+                StoreError(
+                    f"the data ({train_cfg.data or 'bundled corpus'}) changed since the "
+                    "checkpoint was written; restore it or branch with --data"
+                )
+            ),
         )
-        if not par.is_main:
-            error.reported_elsewhere = True  # type: ignore[attr-defined]
-        raise error
     return trainer
 
 
@@ -490,6 +574,20 @@ def _load_agreed(source: Run, step: int | None, trainer: Trainer, par: Parallel)
     raise StoreError(f"run {source.name!r} has no readable checkpoint")
 
 
+def _raise(error: Exception) -> None:
+    raise error
+
+
+def _same_everywhere(par: Parallel, check: Callable[[], Any]) -> None:
+    """A check every rank makes alike: its error is reported once, by rank 0."""
+    try:
+        check()
+    except Exception as err:
+        if not par.is_main:
+            err.reported_elsewhere = True  # type: ignore[attr-defined]
+        raise
+
+
 def _check_fits(dataset: Any, train_cfg: TrainConfig, par: Parallel) -> None:
     """The Trainer's own checks of the batch against the data, before a run is created."""
     accum = session_accum(
@@ -506,12 +604,15 @@ def _check_fits(dataset: Any, train_cfg: TrainConfig, par: Parallel) -> None:
 
 def _restarted_run(store: Store, name: str | None, par: Parallel) -> str | None:
     """The run this torchrun job made before the agent restarted it, if it made one."""
-    runs = [store.run(name)] if name is not None and (store.path / name).is_dir() else []
-    if name is None:
+    if par.job is None:
+        return None
+    if name is not None:
+        runs = [store.run(name)] if (store.path / name).is_dir() else []
+    else:
         runs = sorted(store.runs(), key=lambda r: r.run_file.stat().st_mtime, reverse=True)
     for r in runs:
         for entry in r.info().get("history", []):
-            if entry.get("session", {}).get("job") == par.job and par.job is not None:
+            if entry.get("session", {}).get("job") == par.job:
                 return r.name
     return None
 
@@ -524,7 +625,7 @@ def _no_background(par: Parallel, background: bool) -> None:
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
     par = trainer.parallel
     handle.trainer = trainer
-    if par.is_main:  # only rank 0 reports progress
+    if par.is_main:  # only rank 0 reports progress and writes the run's history
         trainer.listeners.extend(listeners)
         history = handle.info().get("history", [])
         history.append({"step": trainer.step, "session": _session_record(trainer)})
@@ -617,7 +718,13 @@ def generate(
     seed: int | None = 0,
     chat: bool = False,
 ) -> str:
-    """Continue `prompt` (or answer it as a user message with `chat`); return the new text."""
+    """Continue `prompt` (or answer it as a user message with `chat`); return the new text.
+
+    The result is only what the model wrote — never the prompt — in both modes; `mmnb generate`
+    prints the same. Decoding stops at whole characters: a multi-byte character cut by
+    `max_new_tokens`, or byte tokens that form no character, are left out (no U+FFFD).
+    """
+    check_sampling(max_new_tokens, temperature, top_p)
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
@@ -636,4 +743,5 @@ def generate(
     new = out[0, ids.shape[1] :].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    # A byte-level tokenizer decodes an incomplete UTF-8 sequence to U+FFFD; drop those.
+    return tokenizer.decode(new, skip_special_tokens=True).replace("\ufffd", "")

@@ -25,7 +25,7 @@ import datetime
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -40,8 +40,11 @@ MODES = ("single", "ddp", "fsdp")
 def resolve_device(spec: str | None = "auto", local_rank: int = 0) -> torch.device:
     """`auto` (the default): CUDA if available (this rank's GPU), else Apple's MPS, else CPU.
 
-    `cuda` without an index means this process's GPU (LOCAL_RANK) under torchrun.
+    Any other spec is checked by `mmnb.validate.check_device`; `cuda` without an index means
+    this process's GPU (LOCAL_RANK) under torchrun.
     """
+    from .validate import check_device
+
     spec = (spec or "auto").strip()
     if spec == "auto":
         if torch.cuda.is_available():
@@ -50,25 +53,9 @@ def resolve_device(spec: str | None = "auto", local_rank: int = 0) -> torch.devi
         if mps is not None and mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ValueError(
-            f"--device {spec!r} is not a torch device (auto, cpu, cuda, cuda:1, mps)"
-        ) from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA devices"
-            )
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise ValueError(f"--device {spec}: MPS is not available on this machine")
+    device = torch.device(check_device(spec))
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
     return device
 
 
@@ -297,16 +284,12 @@ class Parallel:
             module.set_requires_gradient_sync(sync)
         yield
 
-    def clip_grad_norm(self, parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
-        """Clip to the global gradient norm; return it (the same value on every rank)."""
-        params = [p for p in parameters if p.grad is not None]
-        if self.mode != "fsdp":
-            # DDP's gradients are already averaged over ranks: the local norm is the global one.
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-        if hasattr(norm, "full_tensor"):  # a DTensor holding a partial norm per rank
-            norm = norm.full_tensor()
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """The global 2-norm of the gradients of `params`, the same value on every rank."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if self.mode == "fsdp" and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()  # a DTensor holding each rank's partial norm
+        # DDP's gradients are averaged over ranks already: the local norm is the global one.
         return norm
 
     def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from .train import Event
+if TYPE_CHECKING:
+    from .train import Event
 
 
 def metric_parts(loss: float | None, lr: float | None, tokens_per_s: float | None) -> list[str]:

@@ -7,6 +7,10 @@ Every random stream is a pure function of (seed, epoch/step): the model init of 
 order of (seed, epoch), dropout masks of (seed, step). The trainer draws nothing from the global
 RNGs, so a user's cell that reseeds torch meanwhile cannot change the run. The global RNG states
 are still saved and restored with a checkpoint, for code of the user's that draws from them.
+
+Numerical faults: a non-finite loss or gradient norm is found at the step it happens, after the
+backward passes and before clipping and `optimizer.step()`, so the weights and AdamW moments are
+still those of the last boundary. `Trainer.on_anomaly` decides what happens (see `Anomaly`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,65 @@ class Event:
     kind: str  # start | step | epoch | checkpoint | notice | stop
     step: int  # optimizer steps completed
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Anomaly:
+    """A non-finite loss or gradient norm, found before the optimizer applied the step.
+
+    The anomaly hook, `Trainer.on_anomaly(trainer, anomaly) -> str`, is called with it while the
+    trainer sits at the last optimizer-step boundary plus this step's gradients (in `.grad`):
+    weights, optimizer state, counters, data position and metrics are untouched. It returns
+
+    - `AnomalyAction.STOP` (the default policy, `stop_on_anomaly`): the gradients are dropped and
+      `fit()` raises `NonFiniteError` after a `stop` event with reason `anomaly`; nothing is
+      checkpointed, so no non-finite state ever reaches the store;
+    - `AnomalyAction.SKIP`: the update is not applied (gradients dropped, optimizer not stepped),
+      but the step counts: counters and the data position advance past this step's batch and
+      the metrics log it with its non-finite loss/grad norm. A deterministic policy keeps the
+      trajectory a pure function of (config, seed, data).
+
+    A policy may also raise (e.g. to roll back to a checkpoint from the caller); the exception
+    leaves `fit()` like `NonFiniteError` does. Policies must not print (front-ends render events).
+    """
+
+    step: int  # the optimizer step being taken (steps completed + 1)
+    loss: float  # mean loss over the accumulation window
+    grad_norm: float  # total gradient norm before clipping
+    lr: float
+
+    @property
+    def what(self) -> str:
+        return "loss" if not math.isfinite(self.loss) else "gradient norm"
+
+    def __str__(self) -> str:
+        value = self.loss if self.what == "loss" else self.grad_norm
+        return (
+            f"non-finite {self.what} ({value}) at step {self.step} (lr {self.lr:.3g}); "
+            "training stopped before the optimizer step"
+        )
+
+
+class AnomalyAction:
+    STOP = "stop"
+    SKIP = "skip"
+
+
+class NonFiniteError(ArithmeticError):
+    """Training stopped at a non-finite loss or gradient norm (the default anomaly policy)."""
+
+    def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
+        text = str(anomaly)
+        if newest_checkpoint is not None:
+            text += f"; the newest checkpoint is step {newest_checkpoint}"
+        super().__init__(text)
+        self.anomaly = anomaly
+        self.newest_checkpoint = newest_checkpoint
+
+
+def stop_on_anomaly(trainer: Trainer, anomaly: Anomaly) -> str:
+    """The default anomaly policy: stop before the bad update is applied."""
+    return AnomalyAction.STOP
 
 
 class StopReason:
@@ -185,6 +248,9 @@ class Trainer:
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
         self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
+        # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
+        self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
+        self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
@@ -361,6 +427,7 @@ class Trainer:
             if self.saver is not None:
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
                 future.set_exception(err)
@@ -425,16 +492,27 @@ class Trainer:
             self._agreed = {name: value > 0 for name, value in zip(_FLAGS, stats[2:], strict=True)}
         else:
             loss = (loss_sum / accum).item()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)  # (no-op unless fp16)
+        # clip_grad_norm_ split in its two halves (bitwise the same) so that a non-finite step
+        # is seen before clipping scales the gradients and before the optimizer applies them.
+        # The norm is global: DDP's gradients are averaged already, FSDP2's are reduced here.
+        grad_norm = par.grad_norm(params)
+        apply = True
+        overflow = self.scaler.is_enabled() and math.isfinite(loss)  # fp16: the scaler's job
+        if not (math.isfinite(loss) and (overflow or math.isfinite(grad_norm.item()))):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
         with self._guard.critical():
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = par.clip_grad_norm(self.model.parameters(), clip)
+            if apply:
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                torch.nn.utils.clip_grads_with_norm_(params, clip, grad_norm)
             if self.scaler.is_enabled():
                 scale = self.scaler.get_scale()
-                self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
+                if apply:
+                    self.scaler.step(self.optimizer)  # skipped when a gradient is not finite
                 self.scaler.update()
                 self.skipped += int(self.scaler.get_scale() < scale)
-            else:
+            elif apply:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -452,7 +530,25 @@ class Trainer:
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
-            self.emit("step", loss=m["loss"][-1], lr=lr, tokens=self.tokens)
+            self.emit(
+                "step",
+                loss=m["loss"][-1],
+                lr=lr,
+                tokens=self.tokens,
+                grad_norm=m["grad_norm"][-1],
+            )
+
+    def _anomaly(self, anomaly: Anomaly) -> bool:
+        """Ask the anomaly policy; True to apply the update anyway (never by default)."""
+        action = self.on_anomaly(self, anomaly)
+        if action == AnomalyAction.SKIP:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if action != AnomalyAction.STOP:
+            raise ValueError(f"anomaly policy returned {action!r}; expected 'stop' or 'skip'")
+        error = NonFiniteError(anomaly, self.saved_step)
+        self.emit("stop", reason="anomaly", text=str(error))
+        raise error
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
@@ -555,6 +651,7 @@ class Trainer:
         self.skipped = int(scaler.pop("skipped", 0))
         if scaler and self.scaler.is_enabled():
             self.scaler.load_state_dict(scaler)
+        self.saved_step = self.step  # the state came from a checkpoint of this step
         if restore_rng:
             rng = sd["rng"]
             # This rank's own streams when the checkpoint has them (same world size).
