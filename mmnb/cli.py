@@ -169,13 +169,19 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     command = torchrun_command(args.nproc, worker_argv(argv), max_restarts=args.max_restarts)
     # The processes share this terminal's process group: Ctrl-C reaches torchrun and every
-    # rank, which stop together at the next step boundary with a checkpoint.
+    # rank, which stop together at the next step boundary with a checkpoint. This process
+    # waits for them (subprocess.call would kill torchrun on the first Ctrl-C).
     import subprocess
 
-    try:
-        return subprocess.call(command)
-    except KeyboardInterrupt:
-        return 130
+    proc = subprocess.Popen(command)
+    interrupted = False
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    return 130 if interrupted and code else code
 
 
 def _without(options: list[Option], flag: str) -> list[Option]:

@@ -144,7 +144,10 @@ class Parallel:
             if not torch_dist.is_initialized():
                 torch_dist.init_process_group(
                     par.backend,
-                    timeout=datetime.timedelta(minutes=30),
+                    store=_attempt_store(rank, world),
+                    rank=rank,
+                    world_size=world,
+                    timeout=_TIMEOUT,
                     device_id=dev if dev.type == "cuda" else None,
                 )
                 par._owns_group = True
@@ -299,6 +302,32 @@ class Parallel:
 
             return ShardedGradScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type, enabled=enabled)
+
+
+_TIMEOUT = datetime.timedelta(minutes=30)  # a collective waits this long for a slow rank
+
+
+def _attempt_store(rank: int, world: int) -> torch_dist.Store | None:
+    """The rendezvous store of this attempt, under torchrun; None elsewhere (env:// then).
+
+    torchrun's agent keeps one store for every restart of the worker group, and the process
+    group's keys (each rank's gloo address, nccl's unique id) are not cleared between attempts:
+    a restarted rank can read its peer's address from the failed attempt and fail to connect
+    (seen with torch 2.13 and gloo). A prefix per attempt keeps each attempt's keys its own.
+    """
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    master = not agent_store and rank == 0  # else the agent (or rank 0) hosts it
+    store = torch_dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=master,
+        timeout=_TIMEOUT,
+        multi_tenant=master,
+    )
+    return torch_dist.PrefixStore(f"mmnb/attempt/{restart_count()}", store)
 
 
 def torchrun_command(
