@@ -357,7 +357,14 @@ def _restore(
 
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
     handle.trainer = trainer
+    listeners = list(listeners)
     trainer.listeners.extend(listeners)
+    for listener in listeners:
+        # A listener with controls (a dashboard's Stop button) gets the live handle before
+        # training starts: a blocking run returns it only when training is over.
+        attach = getattr(listener, "attach", None)
+        if callable(attach):
+            attach(handle)
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:

@@ -46,7 +46,9 @@ class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -207,6 +209,10 @@ class Trainer:
             self._running = True
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False
