@@ -28,7 +28,7 @@ from .config import (
 from .data import build_dataset, tokenizer_for
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError
+from .store import Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 from .validate import (
@@ -80,28 +80,63 @@ def train(
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     """
     store = _store(store)
+    if run is not None:
+        check_run_name(run)
     options = _normalise(options)
-    preset = options.pop("preset", "tiny")
-    model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+    source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
-    tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
-    if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        # A given tokenizer decides the vocabulary; the embedding follows it.
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if options.get("init_from"):
+        source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
+    else:
+        preset = options.pop("preset", "tiny")
+        model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+            # A given tokenizer decides the vocabulary; the embedding follows it.
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    if source is not None:
+        with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
+            for name, tensor in trainer.model.state_dict().items():
+                tensor.copy_(source.state[name])
     handle = store.create_run(
-        run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+        run or store.new_name(),
+        config_to_dict(model_cfg, train_cfg),
+        tokenizer.to_json(),
+        lineage={"init_from": source.lineage} if source is not None else None,
     )
     handle.open_writer()
     try:
         _attach(handle, trainer, listeners)
+        for text in notices:
+            trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
     except BaseException:
         handle.close_writer()
         raise
     return _launch(handle, trainer, start, background)
+
+
+def _from_weights(
+    store: Store, options: dict[str, Any]
+) -> tuple[Any, ModelConfig, TrainConfig, Tokenizer, list[str]]:
+    """Configs and tokenizer for a run that starts from `options["init_from"]`'s weights."""
+    from . import weights  # reading foreign formats only when asked to
+
+    source = weights.read_source(options["init_from"], store)
+    preset = options.pop("preset", None)
+    model_kw = {k: options.pop(k) for k in list(options) if MODEL_ALIASES.get(k, k) in MODEL_FIELDS}
+    model_cfg, chosen, notices = weights.infer_config(source, preset, model_kw)
+    _, train_cfg = resolve(chosen, **options)
+    tokenizer = weights.tokenizer_for_source(source, train_cfg.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens; {source.where} embeds only "
+            f"{model_cfg.vocab_size}"
+        )
+    return source, model_cfg, train_cfg, tokenizer, notices
 
 
 def resume(
@@ -126,6 +161,8 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     check_store(store.path, write=False)
     handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
@@ -256,6 +293,8 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
     check_store(store.path, write=True)
     parent = store.run(run)
     if step is None:

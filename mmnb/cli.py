@@ -5,6 +5,7 @@ mmnb resume [RUN] [--step N] [--epochs E | --more-epochs K]
 mmnb branch RUN [--step N] [--name NEW] [overrides]
 mmnb runs [--json]
 mmnb generate [RUN] [--step N] [--prompt TEXT]
+mmnb export RUN[@STEP] --format minimind|hf|safetensors --out PATH
 
 Fast to answer: torch, h5py and the engine are imported inside the handlers, never at import
 time, so `mmnb --help`, `mmnb train --help` and a mistyped flag take a fraction of a second.
@@ -22,12 +23,14 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
     RUN_OPTIONS,
     SAMPLE_OPTIONS,
     SESSION_OPTIONS,
@@ -55,7 +58,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}  # in the order `mmnb --help` lists them
 # Modules that register more subcommands with @command when imported (kept torch-free at import).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mmnb.cli_export",)
 
 
 def command(
@@ -75,6 +78,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .store import StoreError  # h5py: imported only once a command has failed
 
     return (ValueError, StoreError, FileNotFoundError)
+
+
+def run_failures() -> tuple[type[BaseException], ...]:
+    """Training that started and could not go on (disk full, non-finite loss): exit 1."""
+    from .store import StoreWriteError
+    from .train import NonFiniteError
+
+    return (StoreWriteError, NonFiniteError)
 
 
 def user_message(err: BaseException) -> str:
@@ -114,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted; the last completed step is checkpointed", file=sys.stderr)
         return 130
     except Exception as err:
+        if isinstance(err, run_failures()):
+            print(f"mmnb: error: {err}", file=sys.stderr)
+            return 1
         if not isinstance(err, user_errors()):
             raise
         print(f"mmnb: error: {user_message(err)}", file=sys.stderr)
@@ -154,7 +168,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.name and args.run_flag and args.name != args.run_flag:
         raise ValueError(f"two run names given: {args.name!r} and {args.run_flag!r}")
-    options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+    options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
     return _session(args, lambda common: api.train(args.name or args.run_flag, **common, **options))
 
 
@@ -289,14 +303,25 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("runs", "list the runs of a store", _runs_args)
 def runs_command(args: argparse.Namespace) -> int:
-    from .store import Store
+    from .store import Store, StoreError, jsonio
     from .validate import check_store
 
     store = Store(args.store)
     check_store(store.path, write=False)
-    rows = [run_summary(r) for r in store.runs()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runs = store.runs()
+    problems = [str(w.message) for w in caught]
+    rows = []
+    for run in runs:  # a damaged run is named and skipped; the others are listed
+        try:
+            rows.append(run_summary(run))
+        except StoreError as err:
+            problems.append(f"{err}; skipping run {run.name}")
+    for text in problems:
+        print(f"mmnb: warning: {text}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"store": str(store.path), "runs": rows}, indent=2))
+        print(jsonio.dumps({"store": str(store.path), "runs": rows}, indent=2))
         return 0
     if not rows:
         print(f"no runs in {store.path}")

@@ -104,6 +104,8 @@ class TrainConfig:
     """Everything about a run except the architecture. Flag names in the CLI are these, dashed."""
 
     preset: str = "tiny"  # model preset the run started from (recorded; the model fields rule)
+    init_from: str | None = None  # weights the run started from (.pth, .safetensors, HF folder,
+    # RUN@STEP); None = initialised from the seed. Recorded; the lineage holds the file's SHA-256
     data: str | None = None  # .jsonl / .txt file or folder of .txt; None = the bundled corpus
     tokenizer: str | None = None  # tokenizer.json to load; None = train one on the data
     max_seq_len: int = 256  # tokens per sample

@@ -39,6 +39,7 @@ from .cli import sample_text, user_errors, user_message
 from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
     NAME_OPTIONS,
     NOTEBOOK_OPTIONS,
     RUN_OPTIONS,
@@ -126,7 +127,7 @@ class MmnbMagics(Magics):
     @argument("name", nargs="?", metavar="RUN", help="run name (default run-NNN)")
     @_options(
         ("run name", NAME_OPTIONS),
-        ("model and training (mmnb train)", RUN_OPTIONS),
+        ("model and training (mmnb train)", RUN_OPTIONS + INIT_OPTIONS),
         ("this session", SESSION_OPTIONS),
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
@@ -147,13 +148,13 @@ class MmnbMagics(Magics):
         if args.name and args.run_flag and args.name != args.run_flag:
             raise UsageError(f"two run names given: {args.name!r} and {args.run_flag!r}")
         name = args.name or args.run_flag
-        options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+        options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         return self._start(functools.partial(api.train, name, **options), args, store, name)
 
     def _control(self, args: argparse.Namespace, store: Store) -> None:
         if args.status and args.stop:
             raise UsageError("give --status or --stop, not both")
-        given = collect(args, RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
+        given = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
         if given or args.background or args.run_flag:
             raise UsageError("--status and --stop take only RUN and --store")
         if args.stop:
@@ -286,7 +287,13 @@ class MmnbMagics(Magics):
         """The store's runs as a tree (branches under their parent's step), with checkpoints."""
         args = parse_argstring(self.runs, line)
         store = Store(args.store)
-        runs = store.runs()
+        runs = []
+        for r in store.runs():  # a damaged run is named and skipped; the others are listed
+            try:
+                r.parent, r.steps(), r.status()
+                runs.append(r)
+            except StoreError as err:
+                print(f"warning: {err}; skipping run {r.name}", file=sys.stderr)
         if not runs:
             print(f"no runs in {store.path}")
             return

@@ -58,6 +58,16 @@ RUN_OPTIONS: list[Option] = [
     _opt("--top-k", type=int, help="experts per token"),
 ]
 
+# Where a new run's weights come from (train only: a branch starts from its parent).
+INIT_OPTIONS: list[Option] = [
+    _opt(
+        "--init-from",
+        metavar="WEIGHTS",
+        help="start from weights: a MiniMind .pth, a .safetensors file, a Hugging Face model "
+        "folder, or RUN@STEP (config inferred from the shapes)",
+    ),
+]
+
 # Options that only shape this session (allowed on a plain resume too).
 SESSION_OPTIONS: list[Option] = [
     _opt("--save-every", type=int, help="checkpoint every K optimizer steps"),
@@ -89,7 +99,7 @@ SAMPLE_OPTIONS: list[Option] = [
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS + RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.
@@ -152,7 +162,8 @@ def flag_name(field: str) -> str:
 
 def _flags() -> dict[str, str]:
     flags = dict(_EXTRA_FLAGS)
-    tables = RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS + NAME_OPTIONS
+    tables = RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    tables += NAME_OPTIONS
     for opt_flags, kwargs in tables:
         flag = opt_flags[0]
         dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")

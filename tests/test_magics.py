@@ -374,6 +374,8 @@ def test_runs_is_a_tree_of_branches_with_checkpoints(ip, opts, micro, tmp_path):
         ("%train --status --lr 1 {store}", "--status and --stop take only RUN and --store"),
         ("%train --stop {store}", "no run is training in the background in this kernel"),
         ("%resume ghost {store}", "no run named 'ghost'"),
+        ("%resume ../a {store}", "invalid run name '../a'"),
+        ("%resume a --branch ../b {store}", "invalid run name '../b'"),
         ("%resume a@99 {store}", "run 'a' has no checkpoint at step 99 (it has: 0, "),
         ("%resume a@x {store}", "RUN@STEP needs an integer step, got 'a@x'"),
         ("%resume a@3 --step 2 {store}", "two steps given: @3 and --step 2"),
