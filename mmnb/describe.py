@@ -31,9 +31,10 @@ COLOURS = {
     "stop": "#1565c0",
     "interrupt": "#ef6c00",  # orange: interrupted
     "failed": "#c62828",  # red
+    "anomaly": "#c62828",
 }
 # ipywidgets' bar styles for the same meaning.
-BAR_STYLES = {"done": "success", "interrupt": "warning", "failed": "danger"}
+BAR_STYLES = {"done": "success", "interrupt": "warning", "failed": "danger", "anomaly": "danger"}
 
 
 def reason_text(reason: str) -> str:
@@ -59,6 +60,8 @@ def state_text(state: str, step: int, info: dict[str, Any] | None = None) -> str
         "requested": f"stopped at step {step} (Stop)",
         "interrupt": f"interrupted: step {step} is saved",
         "failed": f"failed after step {step}" + (f": {info['error']}" if info.get("error") else ""),
+        "anomaly": f"stopped after step {step}"
+        + (f": {info['error']}" if info.get("error") else ": a non-finite loss or gradient"),
     }.get(state, state.replace("_", " "))
 
 

@@ -231,6 +231,7 @@ class Trainer:
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
 
     # ---- control from other threads / front-ends ----
@@ -256,6 +257,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -273,11 +275,13 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
         except Exception as err:
             # Front-ends must not keep showing "training": say how it ended, then re-raise.
-            self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
             raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller

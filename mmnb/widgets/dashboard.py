@@ -256,7 +256,7 @@ class Dashboard:
             return True
         if event.kind == "stop":
             self.state = str(info["reason"])
-            self.error = info.get("error")
+            self.error = info.get("error") or info.get("text")
             self.eta = None
             self._enable(False)
             return True
