@@ -626,7 +626,14 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
     par = trainer.parallel
     handle.trainer = trainer
     if par.is_main:  # only rank 0 reports progress and writes the run's history
+        listeners = list(listeners)
         trainer.listeners.extend(listeners)
+        for listener in listeners:
+            # A listener with controls (a dashboard's Stop button) gets the live handle before
+            # training starts: a blocking run returns it only when training is over.
+            attach = getattr(listener, "attach", None)
+            if callable(attach):
+                attach(handle)
         history = handle.info().get("history", [])
         history.append({"step": trainer.step, "session": _session_record(trainer)})
         handle.update_attrs(history=history)

@@ -48,7 +48,7 @@ def resolve_device(spec: str | None = "auto", local_rank: int = 0) -> torch.devi
     spec = (spec or "auto").strip()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
+            return _deterministic_cuda(torch.device("cuda", local_rank % torch.cuda.device_count()))
         mps = getattr(torch.backends, "mps", None)
         if mps is not None and mps.is_available():
             return torch.device("mps")
@@ -56,6 +56,14 @@ def resolve_device(spec: str | None = "auto", local_rank: int = 0) -> torch.devi
     device = torch.device(check_device(spec))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return _deterministic_cuda(device)
+
+
+def _deterministic_cuda(device: torch.device) -> torch.device:
+    """cuBLAS is deterministic only with a fixed workspace, set before its first handle; the
+    trainer turns on `torch.use_deterministic_algorithms` while it trains (train._precision)."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return device
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -119,6 +120,7 @@ class MmnbMagics(Magics):
         super().__init__(shell)
         # Runs trained in this kernel, oldest first, keyed by (store folder, run name).
         self.sessions: dict[tuple[Path, str], _Session] = {}
+        self._dashboards: dict[tuple[Path, str], Any] = {}  # background runs' dashboards
 
     # ---- %train ----
     @magic_arguments()
@@ -331,6 +333,8 @@ class MmnbMagics(Magics):
         """Run `call` (api.train/resume/branch) with the notebook's listeners; bind the run."""
         background = args.background
         dashboard = self._dashboard(name)
+        if dashboard is not None and not background:
+            dashboard.serve_clicks()  # Stop / Checkpoint now while this cell blocks
         in_place = not background and self._updates_in_place() and dashboard is None
         progress = NotebookProgress(show=in_place, run=name)
         listeners: list[Callable] = [progress]
@@ -345,18 +349,29 @@ class MmnbMagics(Magics):
             run = call(**kwargs)
             if dashboard is not None:
                 dashboard.attach(run)  # its Stop and Checkpoint buttons act on this run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             _close(listeners)
             self._interrupted(progress, store)
+            if dashboard is not None:
+                dashboard.freeze()
+            err._mmnb_short_traceback = True  # type: ignore[attr-defined]  # see _short_tb
             raise
-        except USER_ERRORS as err:
+        except BaseException as err:
             _close(listeners)
-            raise UsageError(user_message(err)) from None
+            if dashboard is not None:
+                # Never left at "waiting for training to start": gone when nothing started,
+                # else it says how training ended.
+                dashboard.discard() if dashboard.state == "waiting" else dashboard.fail(err)
+            if isinstance(err, USER_ERRORS):
+                raise UsageError(user_message(err)) from None
+            raise
         key = (store.path.resolve(), run.name)
         self.sessions.pop(key, None)  # re-inserted: the newest session comes last
         self.sessions[key] = _Session(run, progress, background)
         self.shell.push({BOUND_NAME: run})
         if background:
+            if dashboard is not None:  # frozen by report_finished once training has ended
+                self._dashboards[key] = dashboard
             for text in progress.notices:
                 print(f"note: {text}")
             print(
@@ -365,6 +380,8 @@ class MmnbMagics(Magics):
             )
             return run
         _close(listeners)
+        if dashboard is not None:
+            dashboard.freeze()  # a saved notebook shows the final state, not the first frame
         if run.trainer is not None and len(listeners) > 1:
             # The tqdm bar is done; a later %checkpoint must not print through it again.
             run.trainer.listeners.remove(listeners[1])
@@ -390,12 +407,9 @@ class MmnbMagics(Magics):
         `mmnb.widgets`, displayed now; None elsewhere (terminal IPython, tests' shells)."""
         if getattr(self.shell, "kernel", None) is None:
             return None
-        from IPython.display import display
-
         from .widgets import Dashboard  # ipywidgets and matplotlib only when a kernel asks
 
-        dashboard = Dashboard(name)
-        display(dashboard)
+        dashboard = Dashboard(name).show()
         return dashboard
 
     def _updates_in_place(self) -> bool:
@@ -441,6 +455,10 @@ class MmnbMagics(Magics):
             if session.unannounced and not session.training:
                 run, snap = session.run, session.progress.snapshot
                 session.announced()
+                key = (run.store.path.resolve(), run.name)
+                dashboard = self._dashboards.pop(key, None)
+                if dashboard is not None:
+                    dashboard.freeze()  # from the main thread, now that training has ended
                 if run.error is not None:
                     print(
                         f"background run {run.name} failed after step {snap.step}: "
@@ -531,6 +549,8 @@ def load_ipython_extension(ip: Any) -> None:
     magics = MmnbMagics(ip)
     ip.register_magics(magics)
     ip.events.register("post_run_cell", magics.report_finished)
+    if not ip.custom_exceptions:  # never replace a handler the user installed
+        ip.set_custom_exc((KeyboardInterrupt,), _short_tb)
 
 
 def unload_ipython_extension(ip: Any) -> None:
@@ -539,10 +559,32 @@ def unload_ipython_extension(ip: Any) -> None:
     if magics is None:
         return
     ip.events.unregister("post_run_cell", magics.report_finished)
+    if ip.custom_exceptions == (KeyboardInterrupt,) and _is_ours(ip.CustomTB):
+        ip.set_custom_exc((), None)
     for kind, names in magics.magics.items():
         for name in names:
             ip.magics_manager.magics[kind].pop(name, None)
     ip.magics_manager.registry.pop(type(magics).__name__, None)
+
+
+def _short_tb(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
+    """An interrupt of training shows its one line (printed by the magic) and the cell's own
+    frame — not ~100 lines through magics, the API, the trainer and autograd. It is still a
+    KeyboardInterrupt, so "Run All" stops at this cell; other interrupts are shown as always."""
+    if not getattr(value, "_mmnb_short_traceback", False):
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        return None
+    cell = tb.tb_next or tb  # the first frame is IPython's run_code, the next the cell's
+    short = types.TracebackType(None, cell.tb_frame, cell.tb_lasti, cell.tb_lineno)
+    stb = shell.InteractiveTB.structured_traceback(etype, value, short, tb_offset=0)
+    shell._showtraceback(etype, value, stb)
+    return None
+
+
+def _is_ours(handler: Any) -> bool:
+    # IPython wraps the handler in a closure; its cell holds ours.
+    cells = getattr(getattr(handler, "__func__", None), "__closure__", None) or ()
+    return any(getattr(c, "cell_contents", None) is _short_tb for c in cells)
 
 
 def _loaded(ip: Any) -> MmnbMagics | None:

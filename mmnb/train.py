@@ -110,7 +110,9 @@ class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -258,6 +260,7 @@ class Trainer:
         self._order: tuple[int, np.ndarray] | None = None
         # A distributed process never raises on SIGINT (mmnb.dist): all ranks agree to stop.
         self._guard = _InterruptGuard(enabled=not par.distributed)
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = _AUTOCAST.get(train_config.dtype)
         if self._autocast is torch.bfloat16 and self.device.type == "cuda":
             if not torch.cuda.is_bf16_supported():
@@ -293,6 +296,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -310,8 +314,14 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False

@@ -8,6 +8,7 @@ reference runs once, and each test adds the one or two launches its claim needs.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -68,6 +69,83 @@ def assert_close(a: dict, b: dict) -> None:
         assert torch.allclose(x, y, rtol=0, atol=ATOL), (name, (x - y).abs().max().item())
     assert a["trainer"]["step"] == b["trainer"]["step"]
     assert a["trainer"]["tokens"] == b["trainer"]["tokens"]
+
+
+# ---- in this process: devices, precision, the split of a global batch ----
+
+
+def test_device_auto_picks_cpu_here(tmp_path, micro):
+    from mmnb.dist import resolve_device
+
+    assert not torch.cuda.is_available()  # this test machine; gpu_check.py covers CUDA
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(ValueError, match="device"):
+        resolve_device("cuda")
+    store = str(tmp_path / "store")
+    mmnb("train", "auto", "--store", store, "--no-sample", "--max-steps", "2", *cli_args(micro))
+    session = Store(store).run("auto").info()["history"][0]["session"]
+    assert session["device"] == "cpu" and session["world_size"] == 1 and session["tf32"] is False
+
+
+def test_global_batch_split_over_processes():
+    from mmnb.dist import session_accum
+
+    assert session_accum(2, 4, 3, 2) == 3  # same world size
+    assert session_accum(2, 4, 3, 1) == 6  # 2 ranks x accum 3 -> 1 process x accum 6
+    assert session_accum(1, 4, 4, 4) == 1
+    with pytest.raises(ValueError, match=r"world_size 2 x batch_size 4 x accum 3\) cannot be "
+                       r"split evenly over 4 processes"):  # fmt: skip
+        session_accum(2, 4, 3, 4)
+
+
+def test_fp16_grad_scaler_state_resumes_exactly(tmp_path, micro):
+    """fp16 autocast with a GradScaler (on CPU here: both exist there): the scale, its growth
+    tracker and the skipped-step count are checkpointed, so a split run equals a straight one."""
+    store = str(tmp_path / "store")
+    opts = cli_args({**micro, "max_steps": 12, "dtype": "fp16"})
+    mmnb("train", "straight", "--store", store, "--no-sample", *opts)
+    mmnb("train", "split", "--store", store, "--no-sample", "--stop-at", "5", *opts)
+    assert set(Store(store).run("split").load()["scaler"]) >= {"scale", "_growth_tracker"}
+    mmnb("resume", "split", "--store", store, "--no-sample")
+    a, b = Store(store).run("straight").load(), Store(store).run("split").load()
+    assert_same_state(a, b)
+    assert a["scaler"] == b["scaler"]
+
+
+def test_fp16_skipped_steps_resume_exactly(micro):
+    """Steps the scaler skips (an overflow at too high a scale) are skipped again, and counted
+    the same, by a run resumed in the middle of them."""
+    from mmnb.config import resolve
+    from mmnb.data import build_dataset, tokenizer_for
+    from mmnb.train import Trainer
+
+    options = {k: v for k, v in micro.items() if k != "preset"}
+    model_cfg, train_cfg = resolve("tiny", **options, max_steps=14, dtype="fp16")
+    tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+
+    def trainer(**changes):
+        t = Trainer(model_cfg, dataclasses.replace(train_cfg, **changes), dataset)
+        t.scaler.scale(torch.ones(()))  # (creates the scale tensor)
+        t.scaler.update(2.0**24)  # too high: the first steps overflow
+        return t
+
+    straight = trainer()
+    straight.fit()
+    first = trainer(stop_at=4)
+    first.fit()
+    resumed = trainer()
+    resumed.load_state_dict(first.state_dict())
+    resumed.fit()
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert_same_state(a, b, metrics=False)
+    for key in ("loss", "lr", "grad_norm", "tokens"):  # an overflowed step's norm is nan
+        assert np.array_equal(a["metrics"][key], b["metrics"][key], equal_nan=True), key
+    assert a["scaler"] == b["scaler"]
+    assert 4 < a["scaler"]["skipped"] < 14, a["scaler"]  # skips on both sides of the split
+    assert a["scaler"]["scale"] < 2.0**24
+    assert (~np.isfinite(a["metrics"]["grad_norm"])).sum() == a["scaler"]["skipped"]
 
 
 @pytest.fixture(scope="module")
