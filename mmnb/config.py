@@ -76,6 +76,7 @@ class ModelConfig:
 
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
+ANOMALY_POLICIES = ("stop", "rollback")
 
 
 @dataclass
@@ -109,6 +110,11 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
     keep_last: int = 0  # retention: keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
+    # What a refused step (non-finite loss or grad norm, or a spike) leads to (mmnb.jobs.recovery).
+    on_anomaly: str = "stop"  # stop (checkpoint the last good step) | rollback
+    spike_factor: float = 0.0  # refuse a step whose loss is over F x the running mean; 0 = off
+    max_rollbacks: int = 3  # rollback: stop instead after this many rollbacks in the run
+    rollback_lr_scale: float = 1.0  # rollback: multiply the planned lr by this at each rollback
 
     def validate(self) -> None:
         for name in ("max_seq_len", "epochs", "batch_size", "accum"):
@@ -148,6 +154,15 @@ class TrainConfig:
             _non_negative("stop_at", self.stop_at)
         if self.time_budget is not None:
             _positive("time_budget", self.time_budget)
+        if self.on_anomaly not in ANOMALY_POLICIES:
+            raise ValueError(
+                f"on_anomaly must be one of {', '.join(ANOMALY_POLICIES)}, got {self.on_anomaly!r}"
+            )
+        if self.spike_factor and not self.spike_factor > 1.0:
+            raise ValueError(f"spike_factor must be above 1 (or 0 = off), got {self.spike_factor}")
+        _non_negative("max_rollbacks", self.max_rollbacks)
+        if not 0.0 < self.rollback_lr_scale <= 1.0:
+            raise ValueError(f"rollback_lr_scale must be in (0, 1], got {self.rollback_lr_scale}")
 
 
 def _positive(name: str, value: Any) -> None:

@@ -66,6 +66,15 @@ SESSION_OPTIONS: list[Option] = [
     _opt("--keep-last", type=int, help="retention: keep the newest N checkpoints"),
     _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
     _opt("--log-every", type=int, help="steps between progress updates"),
+    _opt(
+        "--on-anomaly",
+        choices=["stop", "rollback"],
+        help="on a non-finite loss/grad norm or a spike: stop (default) or roll back to the "
+        "newest good checkpoint, skipping the data since",
+    ),
+    _opt("--spike-factor", type=float, help="a loss over F x its running mean is an anomaly"),
+    _opt("--max-rollbacks", type=int, help="rollback: stop after this many (default 3)"),
+    _opt("--rollback-lr-scale", type=float, help="rollback: multiply the lr by this each time"),
 ]
 
 COMMON_OPTIONS: list[Option] = [

@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,19 +26,11 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
+from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .schedule import Plan
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
-
-
-@dataclass
-class Event:
-    """What the trainer tells front-ends. It never prints; they render."""
-
-    kind: str  # start | step | epoch | checkpoint | notice | stop
-    step: int  # optimizer steps completed
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 class StopReason:
@@ -47,6 +38,29 @@ class StopReason:
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
     REQUESTED = "requested"  # stop() from another thread or a Stop button
+    ANOMALY = "anomaly"  # a step refused by `Trainer.check_step` that no policy recovered
+
+
+class StepAnomaly(Exception):
+    """An optimizer step refused before `optimizer.step()`: nothing of it was applied."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, what: str) -> None:
+        super().__init__(f"{what} at step {step} (loss {loss:.4g}, grad norm {grad_norm:.4g})")
+        self.step, self.loss, self.grad_norm, self.what = step, loss, grad_norm, what
+
+
+class TrainingAnomaly(ValueError):
+    """Training stopped on an anomaly. A ValueError so every front-end reports it as the one
+    line a user mistake gets (it usually is one: too high an lr, bad data)."""
+
+
+def nonfinite(trainer: Trainer, loss: float, grad_norm: float) -> str | None:
+    """The default step check: refuse a non-finite loss or gradient norm."""
+    if not math.isfinite(loss):
+        return "non-finite loss"
+    if not math.isfinite(grad_norm):
+        return "non-finite gradient norm"
+    return None
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -164,6 +178,20 @@ class Trainer:
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
         self._autocast = train_config.dtype == "bf16"
+        # The anomaly hook. `check_step(trainer, loss, grad_norm)` runs before every
+        # optimizer.step() and names what is wrong, or returns None to apply the step. A refused
+        # step changes nothing (its gradients are dropped); then `on_anomaly(trainer, anomaly)`
+        # may restore a good state and return True to go on (mmnb.jobs.recovery's rollback);
+        # otherwise training stops: the last good step is checkpointed ("anomaly"), a notice
+        # and a stop event say why, and TrainingAnomaly is raised.
+        self.check_step: Callable[[Trainer, float, float], str | None] = nonfinite
+        self.on_anomaly: Callable[[Trainer, StepAnomaly], bool] | None = None
+        # Called at every optimizer-step boundary before the next step (recorded recoveries
+        # are applied there, so a resume or a replay takes the same path).
+        self.at_boundary: Callable[[Trainer], None] | None = None
+        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
+        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, see mmnb.api).
+        self.inject_nonfinite: int | None = None
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -230,8 +258,15 @@ class Trainer:
                     reason = self._stop_reason(start)
                     if reason is not None:
                         break
+                    if self.at_boundary is not None:
+                        self.at_boundary(self)
                     t0 = time.perf_counter()
-                    self._train_step()
+                    try:
+                        self._train_step()
+                    except StepAnomaly as anomaly:
+                        self.elapsed += time.perf_counter() - t0
+                        self._anomaly(anomaly)
+                        continue
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -258,6 +293,19 @@ class Trainer:
                 self.checkpoint(final, requests=requests)
             self.emit("stop", reason=reason)
         return reason
+
+    def _anomaly(self, anomaly: StepAnomaly) -> None:
+        """A refused step: recovered by `on_anomaly`, or the end of training."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.on_anomaly is not None and self.on_anomaly(self, anomaly):
+            return
+        self.checkpoint([StopReason.ANOMALY])  # the last good step: nothing of the bad one
+        self.emit("notice", text=f"{anomaly}; training stopped")
+        self.emit("stop", reason=StopReason.ANOMALY)
+        raise TrainingAnomaly(
+            f"{anomaly}; training stopped at step {self.step}, which is checkpointed "
+            "(--on-anomaly rollback recovers automatically; a branch with a lower --lr may help)"
+        )
 
     def _stop_reason(self, start: float) -> str | None:
         cfg = self.config
@@ -329,12 +377,19 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
                 out = model(input_ids, labels, generator=generator)
+            if self.inject_nonfinite == self.step + 1 and micro == 0:
+                self.inject_nonfinite = None
+                out.loss = out.loss * float("nan")
             (out.loss / cfg.accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
         with self._guard.critical():
             clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            loss, norm = (loss_sum / cfg.accum).item(), grad_norm.item()
+            problem = self.check_step(self, loss, norm)
+            if problem is not None:
+                raise StepAnomaly(self.step + 1, loss, norm, problem)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
@@ -344,9 +399,9 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
             m = self.metrics
             m["step"].append(self.step)
-            m["loss"].append((loss_sum / cfg.accum).item())
+            m["loss"].append(loss)
             m["lr"].append(lr)
-            m["grad_norm"].append(grad_norm.item())
+            m["grad_norm"].append(norm)
             m["tokens"].append(self.tokens)
             m["time"].append(self.elapsed)
         if self.position == 0:
