@@ -7,6 +7,10 @@ Every random stream is a pure function of (seed, epoch/step): the model init of 
 order of (seed, epoch), dropout masks of (seed, step). The trainer draws nothing from the global
 RNGs, so a user's cell that reseeds torch meanwhile cannot change the run. The global RNG states
 are still saved and restored with a checkpoint, for code of the user's that draws from them.
+
+Numerical faults: a non-finite loss or gradient norm is found at the step it happens, after the
+backward passes and before clipping and `optimizer.step()`, so the weights and AdamW moments are
+still those of the last boundary. `Trainer.on_anomaly` decides what happens (see `Anomaly`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,34 +38,86 @@ from .schedule import Plan
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 
 
+@dataclass
+class Anomaly:
+    """A non-finite loss or gradient norm, found before the optimizer applied the step.
+
+    The anomaly hook, `Trainer.on_anomaly(trainer, anomaly) -> str`, is called with it while the
+    trainer sits at the last optimizer-step boundary plus this step's gradients (in `.grad`):
+    weights, optimizer state, counters, data position and metrics are untouched. It returns
+
+    - `AnomalyAction.STOP` (the default policy, `stop_on_anomaly`): the gradients are dropped and
+      `fit()` raises `NonFiniteError` after a `stop` event with reason `anomaly`; nothing is
+      checkpointed, so no non-finite state ever reaches the store;
+    - `AnomalyAction.SKIP`: the update is not applied (gradients dropped, optimizer not stepped),
+      but the step counts: counters and the data position advance past this step's batch and
+      the metrics log it with its non-finite loss/grad norm. A deterministic policy keeps the
+      trajectory a pure function of (config, seed, data).
+
+    A policy may also raise (e.g. to roll back to a checkpoint from the caller); the exception
+    leaves `fit()` like `NonFiniteError` does. Policies must not print (front-ends render events).
+    """
+
+    step: int  # the optimizer step being taken (steps completed + 1)
+    loss: float  # mean loss over the accumulation window
+    grad_norm: float  # total gradient norm before clipping
+    lr: float
+    # What `Trainer.spike_check` found wrong with finite values (a loss spike); None when the
+    # loss or gradient norm is non-finite.
+    reason: str | None = None
+
+    @property
+    def what(self) -> str:
+        if self.reason is not None:
+            return "loss spike"
+        return "loss" if not math.isfinite(self.loss) else "gradient norm"
+
+    def __str__(self) -> str:
+        if self.reason is not None:
+            found = f"{self.reason} at step {self.step}"
+        else:
+            value = self.loss if self.what == "loss" else self.grad_norm
+            found = f"non-finite {self.what} ({value}) at step {self.step}"
+        return f"{found} (lr {self.lr:.3g}); training stopped before the optimizer step"
+
+
+class AnomalyAction:
+    STOP = "stop"
+    SKIP = "skip"
+    # The policy restored the trainer to an earlier boundary (mmnb.jobs.recovery's rollback):
+    # this step's gradients are dropped and the loop goes on from the restored state.
+    ROLLBACK = "rollback"
+
+
+class _RolledBack(Exception):
+    """Unwinds a refused step to `fit()`'s loop after a rollback policy restored the state."""
+
+
+class NonFiniteError(ArithmeticError):
+    """Training stopped at an anomaly (the default policy): a non-finite loss or gradient
+    norm, or a loss spike that `Trainer.spike_check` refused."""
+
+    def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
+        text = str(anomaly)
+        if newest_checkpoint is not None:
+            text += f"; the newest checkpoint is step {newest_checkpoint}"
+        super().__init__(text)
+        self.anomaly = anomaly
+        self.newest_checkpoint = newest_checkpoint
+
+
+def stop_on_anomaly(trainer: Trainer, anomaly: Anomaly) -> str:
+    """The default anomaly policy: stop before the bad update is applied."""
+    return AnomalyAction.STOP
+
+
 class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
-    ANOMALY = "anomaly"  # a step refused by `Trainer.check_step` that no policy recovered
-
-
-class StepAnomaly(Exception):
-    """An optimizer step refused before `optimizer.step()`: nothing of it was applied."""
-
-    def __init__(self, step: int, loss: float, grad_norm: float, what: str) -> None:
-        super().__init__(f"{what} at step {step} (loss {loss:.4g}, grad norm {grad_norm:.4g})")
-        self.step, self.loss, self.grad_norm, self.what = step, loss, grad_norm, what
-
-
-class TrainingAnomaly(ValueError):
-    """Training stopped on an anomaly. A ValueError so every front-end reports it as the one
-    line a user mistake gets (it usually is one: too high an lr, bad data)."""
-
-
-def nonfinite(trainer: Trainer, loss: float, grad_norm: float) -> str | None:
-    """The default step check: refuse a non-finite loss or gradient norm."""
-    if not math.isfinite(loss):
-        return "non-finite loss"
-    if not math.isfinite(grad_norm):
-        return "non-finite gradient norm"
-    return None
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -171,27 +228,26 @@ class Trainer:
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
         self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
+        # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
+        self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
+        self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
+        # Called with (trainer, loss) for a step with finite values: a reason to refuse it
+        # (a loss spike) or None. Installed by mmnb.jobs.recovery for --spike-factor.
+        self.spike_check: Callable[[Trainer, float], str | None] | None = None
+        # Called at every optimizer-step boundary before the next step: recorded recoveries
+        # are applied there, so a resume or a replay takes the same path (mmnb.jobs.recovery).
+        self.at_boundary: Callable[[Trainer], None] | None = None
+        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
+        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, mmnb.jobs).
+        self.inject_nonfinite: int | None = None
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
-        # The anomaly hook. `check_step(trainer, loss, grad_norm)` runs before every
-        # optimizer.step() and names what is wrong, or returns None to apply the step. A refused
-        # step changes nothing (its gradients are dropped); then `on_anomaly(trainer, anomaly)`
-        # may restore a good state and return True to go on (mmnb.jobs.recovery's rollback);
-        # otherwise training stops: the last good step is checkpointed ("anomaly"), a notice
-        # and a stop event say why, and TrainingAnomaly is raised.
-        self.check_step: Callable[[Trainer, float, float], str | None] = nonfinite
-        self.on_anomaly: Callable[[Trainer, StepAnomaly], bool] | None = None
-        # Called at every optimizer-step boundary before the next step (recorded recoveries
-        # are applied there, so a resume or a replay takes the same path).
-        self.at_boundary: Callable[[Trainer], None] | None = None
-        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
-        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, see mmnb.api).
-        self.inject_nonfinite: int | None = None
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -216,6 +272,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -233,8 +290,14 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False
@@ -263,10 +326,8 @@ class Trainer:
                     t0 = time.perf_counter()
                     try:
                         self._train_step()
-                    except StepAnomaly as anomaly:
-                        self.elapsed += time.perf_counter() - t0
-                        self._anomaly(anomaly)
-                        continue
+                    except _RolledBack:
+                        continue  # from the restored boundary (its own elapsed time)
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -293,19 +354,6 @@ class Trainer:
                 self.checkpoint(final, requests=requests)
             self.emit("stop", reason=reason)
         return reason
-
-    def _anomaly(self, anomaly: StepAnomaly) -> None:
-        """A refused step: recovered by `on_anomaly`, or the end of training."""
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.on_anomaly is not None and self.on_anomaly(self, anomaly):
-            return
-        self.checkpoint([StopReason.ANOMALY])  # the last good step: nothing of the bad one
-        self.emit("notice", text=f"{anomaly}; training stopped")
-        self.emit("stop", reason=StopReason.ANOMALY)
-        raise TrainingAnomaly(
-            f"{anomaly}; training stopped at step {self.step}, which is checkpointed "
-            "(--on-anomaly rollback recovers automatically; a branch with a lower --lr may help)"
-        )
 
     def _stop_reason(self, start: float) -> str | None:
         cfg = self.config
@@ -344,6 +392,7 @@ class Trainer:
             if self.saver is not None:
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
                 future.set_exception(err)
@@ -383,14 +432,22 @@ class Trainer:
             (out.loss / cfg.accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
+        # clip_grad_norm_ split in its two halves (bitwise the same) so that a non-finite step
+        # is seen before clipping scales the gradients and before the optimizer applies them.
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]
+        )
+        loss = (loss_sum / cfg.accum).item()
+        apply = True
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
+        elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
         with self._guard.critical():
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            loss, norm = (loss_sum / cfg.accum).item(), grad_norm.item()
-            problem = self.check_step(self, loss, norm)
-            if problem is not None:
-                raise StepAnomaly(self.step + 1, loss, norm, problem)
-            self.optimizer.step()
+            if apply:
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, grad_norm)
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens += tokens
@@ -401,13 +458,36 @@ class Trainer:
             m["step"].append(self.step)
             m["loss"].append(loss)
             m["lr"].append(lr)
-            m["grad_norm"].append(norm)
+            m["grad_norm"].append(grad_norm.item())
             m["tokens"].append(self.tokens)
             m["time"].append(self.elapsed)
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
-            self.emit("step", loss=m["loss"][-1], lr=lr, tokens=self.tokens)
+            self.emit(
+                "step",
+                loss=m["loss"][-1],
+                lr=lr,
+                tokens=self.tokens,
+                grad_norm=m["grad_norm"][-1],
+            )
+
+    def _anomaly(self, anomaly: Anomaly) -> bool:
+        """Ask the anomaly policy; True to apply the update anyway (never by default)."""
+        with self._guard.critical():  # a rollback restores the whole state or nothing
+            action = self.on_anomaly(self, anomaly)
+        if action == AnomalyAction.SKIP:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if action == AnomalyAction.ROLLBACK:
+            raise _RolledBack
+        if action != AnomalyAction.STOP:
+            raise ValueError(
+                f"anomaly policy returned {action!r}; expected 'stop', 'skip' or 'rollback'"
+            )
+        error = NonFiniteError(anomaly, self.saved_step)
+        self.emit("stop", reason="anomaly", text=str(error))
+        raise error
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
@@ -471,6 +551,7 @@ class Trainer:
         self.elapsed = float(t["elapsed"])
         self.position = int(sd["data"]["position"])
         self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
+        self.saved_step = self.step  # the state came from a checkpoint of this step
         if restore_rng:
             set_rng_state(sd["rng"])
 

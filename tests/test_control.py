@@ -37,7 +37,7 @@ def test_checkpoint_and_stop_through_command_files(store, micro):
         if run.training:
             run.stop()
     latest = run.latest()
-    assert "requested" in latest.reasons and latest.step < 100_000
+    assert "stop" in latest.reasons and latest.step < 100_000
     assert list((run.path / control.FOLDER).iterdir()) == []
 
 

@@ -148,6 +148,6 @@ def test_every_training_session_writes_its_stream(store, micro):
     assert got[0].info["run"] == "a" and got[-1].info["error"] is None
     mmnb.resume("a", store=store)  # a finished run: a session that starts and stops at once
     again = [e.kind for e in read_events(run.path)[len(got) :] if e.kind != "heartbeat"]
-    assert again == ["open", "start", "stop", "close"]
+    assert again == ["open", "notice", "start", "stop", "close"]  # "already finished"
     p = events.progress(run.path)
     assert (p.step, p.total, p.state, p.loss) == (6, 6, "done", run.latest().loss)

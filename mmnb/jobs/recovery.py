@@ -1,7 +1,8 @@
 """Numerical recovery: spike detection, rollback to a good checkpoint, and exact replay.
 
-Built on the trainer's anomaly hook (`Trainer.check_step` before every `optimizer.step()`,
-`Trainer.on_anomaly` when a step is refused, `Trainer.at_boundary` between steps):
+Built on the trainer's anomaly hook (`mmnb.train.Anomaly`: a non-finite loss or gradient norm
+is found before `optimizer.step()` and `Trainer.on_anomaly` decides), with two more hooks of the
+trainer: `spike_check` (finite but suspicious steps) and `at_boundary` (between steps).
 
 - `--spike-factor F`: a step whose loss is above F x the mean of the previous `SPIKE_WINDOW`
   step losses is refused like a non-finite one, once the plan's warmup is over. The window is
@@ -76,13 +77,8 @@ class Recovery:
     def __init__(self, run: Any, trainer: Any, log: list[dict[str, Any]]) -> None:
         self.run, self.trainer, self.log = run, trainer, log
 
-    # ---- Trainer.check_step ----
-    def check(self, trainer: Any, loss: float, grad_norm: float) -> str | None:
-        from ..train import nonfinite
-
-        problem = nonfinite(trainer, loss, grad_norm)
-        if problem is not None:
-            return problem
+    # ---- Trainer.spike_check ----
+    def spike_check(self, trainer: Any, loss: float) -> str | None:
         factor = trainer.config.spike_factor
         losses = trainer.metrics["loss"][-SPIKE_WINDOW:]
         warm = trainer.step >= trainer.plan.start + trainer.plan.warmup
@@ -99,15 +95,18 @@ class Recovery:
                 apply(trainer, entry)
 
     # ---- Trainer.on_anomaly ----
-    def rollback(self, trainer: Any, anomaly: Any) -> bool:
-        """Return to the newest good checkpoint before the refused step; False to stop."""
+    def rollback(self, trainer: Any, anomaly: Any) -> str:
+        """Return to the newest good checkpoint before the refused step (AnomalyAction.ROLLBACK)
+        or stop (AnomalyAction.STOP: no rollback left, or no checkpoint to go back to)."""
+        from ..train import AnomalyAction
+
         cfg = trainer.config
         done = len(self.log)
         if done >= cfg.max_rollbacks:
             trainer.emit(
                 "notice", text=f"{anomaly}: {done} rollbacks (--max-rollbacks) used up; stopping"
             )
-            return False
+            return AnomalyAction.STOP
         target = self._target(anomaly.step)
         if target is None:
             trainer.emit(
@@ -115,7 +114,7 @@ class Recovery:
                 text=f"{anomaly}: no checkpoint of run {self.run.name} to roll back to "
                 "(--save-every K keeps recent ones); stopping",
             )
-            return False
+            return AnomalyAction.STOP
         trainer.load_state_dict(self.run.load(target.step))
         epoch, position = trainer.epoch, trainer.position
         skip_steps = anomaly.step - target.step
@@ -123,7 +122,7 @@ class Recovery:
             "kind": "rollback",
             "step": target.step,
             "anomaly_step": anomaly.step,
-            "what": anomaly.what,
+            "what": anomaly.reason or f"non-finite {anomaly.what}",
             "loss": anomaly.loss,
             "grad_norm": anomaly.grad_norm,
             "skip_steps": skip_steps,
@@ -134,15 +133,16 @@ class Recovery:
         self.log.append(entry)
         history = self.run.info().get("history", [])
         self.run.update_attrs(history=[*history, entry])
+        found = str(anomaly).split(" (lr ")[0]
         text = (
-            f"{anomaly}: rolled back to step {target.step}, skipping the data of steps "
+            f"{found}: rolled back to step {target.step}, skipping the data of steps "
             f"{target.step + 1}-{anomaly.step}"
             + (f", lr x {cfg.rollback_lr_scale:g}" if cfg.rollback_lr_scale != 1 else "")
             + f" (rollback {done + 1} of at most {cfg.max_rollbacks})"
         )
         trainer.emit("recover", **{k: v for k, v in entry.items() if k != "kind"}, text=text)
         trainer.emit("notice", text=text)
-        return True  # the loop continues from step c; at_boundary applies the skip
+        return AnomalyAction.ROLLBACK  # the loop goes on from step c; at_boundary skips
 
     def _target(self, before: int) -> Any:
         """The newest checkpoint of this run's own (not inherited) before step `before`, and
@@ -184,7 +184,8 @@ def _ranges(trainer: Any, epoch: int, position: int, steps: int) -> list[dict[st
 def install(run: Any, trainer: Any) -> Recovery:
     """Connect the policy of `trainer.config` and the run's recorded recoveries (mmnb.api)."""
     policy = Recovery(run, trainer, recoveries(run.info().get("history", [])))
-    trainer.check_step = policy.check
+    if trainer.config.spike_factor:
+        trainer.spike_check = policy.spike_check
     trainer.at_boundary = policy.at_boundary
     if trainer.config.on_anomaly == "rollback":
         trainer.on_anomaly = policy.rollback
