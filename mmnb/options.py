@@ -107,8 +107,25 @@ SAMPLE_OPTIONS: list[Option] = [
 ]
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
+# Train in a process of its own that outlives this kernel or terminal (mmnb.jobs.detach).
+JOB_OPTIONS: list[Option] = [
+    _opt(
+        "--detach",
+        action="store_true",
+        default=False,
+        help="train in a detached process that outlives this kernel/terminal "
+        "(follow it with %%attach RUN or mmnb watch RUN)",
+    ),
+]
+
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS
+    + RUN_OPTIONS
+    + INIT_OPTIONS
+    + SESSION_OPTIONS
+    + COMMON_OPTIONS
+    + SAMPLE_OPTIONS
+    + JOB_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.
