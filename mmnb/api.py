@@ -32,6 +32,9 @@ from .config import (
 )
 from .data import build_dataset, tokenizer_for
 from .dist import Parallel, session_accum
+from .events import EventWriter
+from .jobs import recovery
+from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
 from .store import CorruptCheckpoint, Run, Store, StoreError, check_run_name
@@ -51,7 +54,11 @@ from .validate import (
 Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
-SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+SESSION_FIELDS = (
+    *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
+    *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
+)
 # Stop conditions belong to the session that set them; a resume or branch starts without them.
 _ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
@@ -146,6 +153,7 @@ def _train(
 
     name, model_cfg, train_cfg, tokenizer_json, notices = par.decide(prepare)
     handle = made.get("run") or Run(store, name)
+    stream = None
     try:
         if made.get("source") is None and train_cfg.init_from:
             made["source"] = _from_weights(store, dict(options))[0]  # every rank reads them
@@ -158,14 +166,16 @@ def _train(
             with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 weights
                 for key, tensor in trainer.model.state_dict().items():
                     tensor.copy_(_shard_of(tensor, source.state[key]))
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
-    except BaseException:
+    except BaseException as err:
+        if stream is not None:
+            stream.close(err)
         handle.close_writer()
         raise
-    return _launch(handle, trainer, start, background)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _shard_of(target: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
@@ -292,14 +302,14 @@ def _resume(
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         if trainer.finished:
             trainer.emit(
                 "notice",
                 text=f"run {handle.name} already finished its plan at step {trainer.step}; "
                 "nothing to train (extend it with more epochs, or branch it)",
             )
-        return _launch(handle, trainer, True, background)
+        return _launch(handle, trainer, True, background, stream)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -369,10 +379,10 @@ def _resume(
             {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
         )
         handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
-    _attach(handle, trainer, listeners)
+    stream = _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _launch(handle, trainer, True, background)
+    return _launch(handle, trainer, True, background, stream)
 
 
 def branch(
@@ -505,8 +515,8 @@ def _branch(
 
     run_name = par.decide(create)
     handle = made.get("run") or Run(store, run_name)
-    _attach(handle, trainer, listeners)
-    return _launch(handle, trainer, start, background)
+    stream = _attach(handle, trainer, listeners)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _restore(
@@ -622,7 +632,10 @@ def _no_background(par: Parallel, background: bool) -> None:
         raise ValueError("--background trains in a thread of one process; not under torchrun")
 
 
-def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter | None:
+    """Connect a trainer to its run: listeners, the saver, and the session's live event stream
+    and control channel (`mmnb.jobs.session`), which the caller closes when training ends.
+    Distributed, rank 0 alone has listeners and the stream (None elsewhere)."""
     par = trainer.parallel
     handle.trainer = trainer
     if par.is_main:  # only rank 0 reports progress and writes the run's history
@@ -635,7 +648,9 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
             if callable(attach):
                 attach(handle)
         history = handle.info().get("history", [])
-        history.append({"step": trainer.step, "session": _session_record(trainer)})
+        history.append(
+            {"kind": "session", "step": trainer.step, "session": _session_record(trainer)}
+        )
         handle.update_attrs(history=history)
     log = os.environ.get("MMNB_SAMPLE_LOG")
     if log:
@@ -653,6 +668,8 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
         return info
 
     trainer.saver = save
+    recovery.install(handle, trainer)
+    return open_session(handle, trainer) if par.is_main else None
 
 
 def _session_record(trainer: Trainer) -> dict[str, Any]:
@@ -681,19 +698,30 @@ def sample_logger(folder: Path, rank: int) -> Callable[[int, int, Any], None]:
     return log
 
 
-def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
-    """Train in this thread, in a background thread, or not at all; the lock is released
-    (and a distributed process leaves its group) when training ends however it ends."""
+def _launch(
+    handle: Run, trainer: Trainer, start: bool, background: bool, stream: EventWriter | None
+) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released, the
+    event stream closed (and a distributed process leaves its group) when training ends
+    however it ends."""
 
     def fit() -> None:
+        error = None
         try:
             trainer.fit()
+        except BaseException as err:
+            error = err
+            raise
         finally:
             handle.close_writer()
+            if stream is not None:
+                stream.close(None if isinstance(error, KeyboardInterrupt) else error)
             trainer.parallel.close()
 
     if not start:
         handle.close_writer()
+        if stream is not None:
+            stream.close()
         trainer.parallel.close()
     elif background:
         handle.start_thread(fit)
