@@ -135,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted; the last completed step is checkpointed", file=sys.stderr)
         return 130
     except Exception as err:
+        if getattr(err, "reported_elsewhere", False):  # rank 0 of the job has said it
+            return 2 if isinstance(err, user_errors()) else 1
         if isinstance(err, run_failures()):
             _error(rank, err, str(err))
             return 1
@@ -151,16 +153,17 @@ def _rank() -> int:
 
 
 def _error(rank: int, err: BaseException, text: str) -> None:
-    """One line; from a rank other than 0 only when rank 0 has not said it already."""
-    if getattr(err, "reported_elsewhere", False):
-        return
+    """One line; a rank other than 0 names itself (rank 0 speaks for the job)."""
     where = f"[rank {rank}] " if rank else ""
     print(f"mmnb: error: {where}{text}", file=sys.stderr)
 
 
 def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
-    """`mmnb train --nproc N ...`: the same command in N processes started by torchrun."""
-    from .dist import env_world, torchrun_command, worker_argv
+    """`mmnb train --nproc N ...`: the same command in N processes, started by torchrun through
+    `mmnb.launch` in this terminal's process group (Ctrl-C reaches torchrun and every rank,
+    which stop together at the next step boundary with a checkpoint)."""
+    from .dist import env_world, worker_argv
+    from .launch import start
 
     if env_world()[1] > 1:
         print("mmnb: error: --nproc inside a torchrun job; drop it", file=sys.stderr)
@@ -168,21 +171,21 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc < 1:
         print(f"mmnb: error: --nproc must be positive, got {args.nproc}", file=sys.stderr)
         return 2
-    command = torchrun_command(args.nproc, worker_argv(argv), max_restarts=args.max_restarts)
-    # The processes share this terminal's process group: Ctrl-C reaches torchrun and every
-    # rank, which stop together at the next step boundary with a checkpoint. This process
-    # waits for them (subprocess.call would kill torchrun on the first Ctrl-C).
-    import subprocess
-
-    proc = subprocess.Popen(command)
+    job = start(
+        worker_argv(argv),
+        logs=None,
+        nproc=args.nproc,
+        max_restarts=args.max_restarts or 0,
+        detach=False,
+    )
     interrupted = False
     while True:
         try:
-            code = proc.wait()
+            code = job.wait()  # on Ctrl-C keep waiting: the ranks are saving their step
             break
         except KeyboardInterrupt:
             interrupted = True
-    return 130 if interrupted and code else code
+    return 130 if interrupted and code else int(code or 0)
 
 
 def _without(options: list[Option], flag: str) -> list[Option]:

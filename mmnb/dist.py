@@ -243,12 +243,15 @@ class Parallel:
         if not self.distributed:
             return fn()
         result: Any = None
-        failure: tuple[str, str] | None = None
+        failure: tuple[bool, str] | None = None
         if self.is_main:
             try:
                 result = fn()
             except Exception as err:
-                failure = (type(err).__name__, str(err))
+                from .cli import user_errors, user_message
+
+                user = isinstance(err, user_errors())
+                failure = (user, user_message(err) if user else f"{type(err).__name__}: {err}")
                 local = err
         result, failure = self.broadcast((result, failure))
         if failure is not None:
@@ -338,28 +341,12 @@ def _attempt_store(rank: int, world: int) -> torch_dist.Store | None:
     return torch_dist.PrefixStore(f"mmnb/attempt/{restart_count()}", store)
 
 
-def torchrun_command(
-    nproc: int, argv: list[str], *, max_restarts: int | None = None, python: str | None = None
-) -> list[str]:
-    """The torchrun command line that runs `mmnb <argv>` in `nproc` local processes.
-
-    `--standalone` is torchrun's single-machine rendezvous (c10d on a free local port); for
-    several machines run torchrun yourself (docs/distributed.md).
-    """
-    import sys
-
-    command = [python or sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc-per-node={nproc}"]
-    if max_restarts:
-        command += [f"--max-restarts={max_restarts}"]
-    return command + ["-m", "mmnb", *argv]
-
-
 _LAUNCH_FLAGS = {"--nproc": True, "--max-restarts": True}  # flag -> takes a value
 
 
 def worker_argv(argv: list[str]) -> list[str]:
-    """`argv` without the flags that only the launching process reads (--nproc, ...)."""
+    """`argv` without the flags that only the launching process reads (--nproc, ...): what
+    every rank of the job `mmnb.launch` starts runs."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -374,14 +361,10 @@ def worker_argv(argv: list[str]) -> list[str]:
     return out
 
 
-def _rebuild(kind: str, message: str) -> Exception:
-    """The exception rank 0 met, as a user-facing type where it is one of ours."""
-    from .data import DataError
-    from .store import StoreError
-
-    known = {"ValueError": ValueError, "StoreError": StoreError, "DataError": DataError}
-    known.update(FileNotFoundError=FileNotFoundError, KeyError=KeyError)
-    return known.get(kind, RuntimeError)(message)
+def _rebuild(user: bool, message: str) -> Exception:
+    """The error rank 0 met, for the other ranks: a user error (ValueError: exit status 2,
+    like rank 0's) or a failure (RuntimeError); rank 0 alone reports it."""
+    return ValueError(message) if user else RuntimeError(message)
 
 
 __all__ = [
@@ -393,6 +376,5 @@ __all__ = [
     "resolve_device",
     "restart_count",
     "session_accum",
-    "torchrun_command",
     "worker_argv",
 ]

@@ -349,8 +349,11 @@ def write_json(path: Path, data: Any) -> None:
 
 
 # ---- starting processes ----
-def mmnb_argv(args: Sequence[str], nproc: int = 1, max_restarts: int = 0) -> list[str]:
-    """The command line that runs `mmnb ARGS`: one process, or a torchrun group of `nproc`."""
+def mmnb_argv(
+    args: Sequence[str], nproc: int = 1, max_restarts: int = 0, agent_args: Sequence[str] = ()
+) -> list[str]:
+    """The command line that runs `mmnb ARGS`: one process, or a torchrun group of `nproc`
+    (`agent_args`: more of torchrun's own flags, e.g. `--tee 3 --log-dir DIR`)."""
     if nproc < 1:
         raise ValueError(f"nproc must be positive, got {nproc}")
     if max_restarts < 0:
@@ -366,6 +369,7 @@ def mmnb_argv(args: Sequence[str], nproc: int = 1, max_restarts: int = 0) -> lis
         str(nproc),
         "--max-restarts",
         str(max_restarts),
+        *agent_args,
         "-m",
         "mmnb",
         *args,
@@ -381,6 +385,7 @@ def start(
     detach: bool = True,
     env: dict[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    agent_args: Sequence[str] = (),
 ) -> Job:
     """Start `mmnb ARGS` (see `mmnb_argv`) and return its handle.
 
@@ -388,7 +393,8 @@ def start(
     at the end, exit.json. `env` is added to this process's environment. With `detach` the
     process gets its own session; otherwise it stays in the caller's process group.
     """
-    return spawn(mmnb_argv(args, nproc, max_restarts), logs=logs, detach=detach, env=env, cwd=cwd)
+    argv = mmnb_argv(args, nproc, max_restarts, agent_args)
+    return spawn(argv, logs=logs, detach=detach, env=env, cwd=cwd)
 
 
 def spawn(

@@ -39,6 +39,7 @@ from .cli import sample_text, user_errors, user_message
 from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
+    DIST_OPTIONS,
     INIT_OPTIONS,
     JOB_OPTIONS,
     NAME_OPTIONS,
@@ -133,6 +134,7 @@ class MmnbMagics(Magics):
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", NOTEBOOK_OPTIONS),
+        ("processes: a torchrun job of N ranks (mmnb.distmagics)", DIST_OPTIONS),
         ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
@@ -154,6 +156,8 @@ class MmnbMagics(Magics):
             from .jobmagics import detach_from_magic
 
             return detach_from_magic("train", args, store)
+        if args.nproc is not None:  # a torchrun job of N processes
+            return self._group("train", args, store)
         options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         return self._start(functools.partial(api.train, name, **options), args, store, name)
 
@@ -204,6 +208,7 @@ class MmnbMagics(Magics):
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", BACKGROUND),
+        ("processes: a torchrun job of N ranks (mmnb.distmagics)", DIST_OPTIONS),
         ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
@@ -239,6 +244,10 @@ class MmnbMagics(Magics):
                 branch = argparse.Namespace(**vars(args))
                 branch.name, branch.step, branch.new_name = name, step, args.branch
                 return detach_from_magic("branch", branch, store)
+            if args.nproc is not None:
+                branch = argparse.Namespace(**vars(args))
+                branch.name, branch.step, branch.new_name = name, step, args.branch
+                return self._group("branch", branch, store)
             call = functools.partial(api.branch, name, step, args.branch, **overrides, **session)
             return self._start(call, args, store, args.branch)
         if overrides:
@@ -252,6 +261,10 @@ class MmnbMagics(Magics):
             resumed = argparse.Namespace(**vars(args))
             resumed.name, resumed.step = name, step
             return detach_from_magic("resume", resumed, store)
+        if args.nproc is not None:
+            resumed = argparse.Namespace(**vars(args))
+            resumed.name, resumed.step = name, step
+            return self._group("resume", resumed, store)
         call = functools.partial(
             api.resume,
             name,
@@ -404,6 +417,23 @@ class MmnbMagics(Magics):
         if run.trainer is not None and len(listeners) > 1:
             # The tqdm bar is done; a later %checkpoint must not print through it again.
             run.trainer.listeners.remove(listeners[1])
+        print(_store_line(run))
+        if not args.no_sample:
+            print("sample:", sample_text(run, args))
+        return run
+
+    def _group(self, verb: str, args: argparse.Namespace, store: Store) -> Run:
+        """`--nproc N`: a torchrun job of this kernel (mmnb.distmagics); the run is bound."""
+        from .distmagics import name_of, train_group
+
+        try:
+            run = train_group(self, verb, args, store, name_of(verb, args, store))
+        except KeyboardInterrupt:
+            with_name = name_of(verb, args, store)
+            if with_name and (store.path / with_name).is_dir():
+                self.shell.push({BOUND_NAME: store.run(with_name)})
+            raise
+        self.shell.push({BOUND_NAME: run})
         print(_store_line(run))
         if not args.no_sample:
             print("sample:", sample_text(run, args))

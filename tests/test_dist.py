@@ -355,3 +355,47 @@ def test_two_agents_as_two_nodes(ddp, tmp_path, small_corpus):
     run = Store(store).run("nodes")
     assert run.info()["history"][0]["session"]["world_size"] == 2
     assert_same_state(run.load(), ddp[0].run("two").load())
+
+
+def test_train_nproc_in_a_real_kernel(tmp_path, micro):
+    """`%train --nproc 2` in a kernel: the dashboard shows rank 0's progress from the event
+    stream; Kernel → Interrupt checkpoints the group; `%resume --nproc 2` completes it."""
+    from test_kernel import TIMEOUT, _collect, _stdout, execute, kernel
+
+    store = Store(tmp_path / "store")
+    opts = " ".join(cli_args({**micro, "max_steps": 400}))
+    with kernel(tmp_path) as (km, kc):
+        msg_id = kc.execute(f"%train g --nproc 2 --save-every 2 --no-sample {opts}")
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            latest = store.run("g").latest() if (store.path / "g" / "run.h5").exists() else None
+            if latest is not None and latest.step >= 4:
+                break
+            time.sleep(0.02)
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        messages = _collect(kc, msg_id)
+        latest = store.run("g").latest()
+        assert "interrupt" in latest.reasons and 4 <= latest.step < 400
+        assert _stdout(messages).splitlines() == [
+            f"interrupted: step {latest.step} of run g is checkpointed in "
+            f"{store.path / 'g' / 'run.h5'} (%resume g --nproc N continues it)"
+        ]
+        # Rank 0's progress reached the dashboard (fed from the run's event stream by a
+        # thread): its final state, the static fallback a saved notebook shows.
+        displays = [m for m in messages if "display" in m["msg_type"]]
+        assert "application/vnd.jupyter.widget-view+json" in displays[0]["content"]["data"]
+        final = displays[-1]["content"]["data"]["text/plain"]
+        assert f"step {latest.step}/400" in final and f"saved step {latest.step}" in final, final
+        reply, out, _ = execute(kc, "%resume g --nproc 2 --no-sample", name="run.name")
+        assert value_of(reply, "name") == "'g'"
+        assert out.startswith("run g: step 400, loss "), out
+    sessions = [h["session"] for h in store.run("g").info()["history"] if "session" in h]
+    assert [(s["world_size"], s["mode"]) for s in sessions] == [(2, "ddp"), (2, "ddp")]
+
+
+def value_of(reply: dict, name: str) -> str:
+    return reply["user_expressions"][name]["data"]["text/plain"]

@@ -121,6 +121,11 @@ class Attachment:
         return f"<mmnb Attachment {self.run.name} ({'live' if self.live else 'ended'})>"
 
     # ---- replay ----
+    def skip(self) -> None:
+        """Pass over what the stream holds now: follow only a session that starts after this
+        (a kernel that launches the run's next session itself, `mmnb.distmagics`)."""
+        self._follower.poll()
+
     def replay(self) -> None:
         """Feed the current session's events (call before `start`)."""
         events = self._follower.poll()

@@ -28,6 +28,7 @@ RESUME_DESTS = (
     *("store", "device", "save_every", "stop_at", "time_budget", "keep_last", "keep_every"),
     *("log_every", "on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
     *("no_sample", "max_new_tokens", "temperature", "top_p", "sample_seed"),
+    *("nproc", "shard", "max_restarts"),  # the process layout (mmnb.dist): kept on a restart
 )
 
 
