@@ -74,7 +74,8 @@ def assert_close(a: dict, b: dict) -> None:
 # ---- in this process: devices, precision, the split of a global batch ----
 
 
-def test_device_auto_picks_cpu_here(tmp_path, micro):
+def test_device_auto_picks_cpu_here(store, micro):
+    from mmnb import api
     from mmnb.dist import resolve_device
 
     assert not torch.cuda.is_available()  # this test machine; gpu_check.py covers CUDA
@@ -82,10 +83,10 @@ def test_device_auto_picks_cpu_here(tmp_path, micro):
     assert resolve_device(None) == torch.device("cpu")
     with pytest.raises(ValueError, match="device"):
         resolve_device("cuda")
-    store = str(tmp_path / "store")
-    mmnb("train", "auto", "--store", store, "--no-sample", "--max-steps", "2", *cli_args(micro))
-    session = Store(store).run("auto").info()["history"][0]["session"]
+    run = api.train("auto", store=store, max_steps=2, **micro)  # device="auto", the default
+    session = run.info()["history"][0]["session"]
     assert session["device"] == "cpu" and session["world_size"] == 1 and session["tf32"] is False
+    assert run.trainer.device == torch.device("cpu")
 
 
 def test_global_batch_split_over_processes():
@@ -99,16 +100,16 @@ def test_global_batch_split_over_processes():
         session_accum(2, 4, 3, 4)
 
 
-def test_fp16_grad_scaler_state_resumes_exactly(tmp_path, micro):
+def test_fp16_grad_scaler_state_resumes_exactly(store, micro):
     """fp16 autocast with a GradScaler (on CPU here: both exist there): the scale, its growth
     tracker and the skipped-step count are checkpointed, so a split run equals a straight one."""
-    store = str(tmp_path / "store")
-    opts = cli_args({**micro, "max_steps": 12, "dtype": "fp16"})
-    mmnb("train", "straight", "--store", store, "--no-sample", *opts)
-    mmnb("train", "split", "--store", store, "--no-sample", "--stop-at", "5", *opts)
-    assert set(Store(store).run("split").load()["scaler"]) >= {"scale", "_growth_tracker"}
-    mmnb("resume", "split", "--store", store, "--no-sample")
-    a, b = Store(store).run("straight").load(), Store(store).run("split").load()
+    from mmnb import api
+
+    api.train("straight", store=store, max_steps=12, dtype="fp16", **micro)
+    api.train("split", store=store, max_steps=12, dtype="fp16", stop_at=5, **micro)
+    assert set(store.run("split").load()["scaler"]) >= {"scale", "_growth_tracker", "skipped"}
+    api.resume("split", store=store)
+    a, b = store.run("straight").load(), store.run("split").load()
     assert_same_state(a, b)
     assert a["scaler"] == b["scaler"]
 
