@@ -38,7 +38,7 @@ METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 class Event:
     """What the trainer tells front-ends. It never prints; they render."""
 
-    kind: str  # start | step | epoch | checkpoint | notice | stop
+    kind: str  # prepare (data, before training) | start | step | epoch | checkpoint | notice | stop
     step: int  # optimizer steps completed
     info: dict[str, Any] = field(default_factory=dict)
 

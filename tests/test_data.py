@@ -73,6 +73,7 @@ class NoEncoding:
         self._tok = tok
         self.fingerprint, self.pad_id = tok.fingerprint, tok.pad_id
         self.bos_id, self.eos_id = tok.bos_id, tok.eos_id
+        self.vocab_size = tok.vocab_size
 
     def encode(self, text):
         raise AssertionError("tokenised again")
@@ -235,7 +236,13 @@ def test_second_build_loads_the_cache_without_tokenising(tmp_path, tok, cache):
     path = jsonl(tmp_path / "c.jsonl", [{"conversations": c} for c in CONVERSATIONS])
     first = build_dataset(path, tok, seq_len=64)
     files = sorted((cache / "tokens").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temp files left behind
+    assert [f.name[:3] for f in files] == ["v2-"]  # one entry, no temporary folder left behind
+    assert sorted(p.name for p in files[0].iterdir()) == [
+        "meta.json",
+        "offsets.bin",
+        "supervised.bin",
+        "tokens.bin",
+    ]
     for seq_len in (64, 16):  # one cache entry serves every seq_len
         again = build_dataset(path, NoEncoding(tok), seq_len=seq_len)
         assert again.kind == "sft" and len(again) == len(first)
