@@ -82,7 +82,8 @@ def tokenizer_for(
             raise DataError(str(e)) from None
     path = resolve_data_path(data)
     root = cache_dir if cache_dir is not None else default_cache_dir()
-    cached = root / "tokenizers" / f"{data_fingerprint(path)[:32]}-v{vocab_size}.json"
+    data_fp = data_fingerprint(path, memo=root / "fingerprints")
+    cached = root / "tokenizers" / f"{data_fp[:32]}-v{vocab_size}.json"
     try:
         return Tokenizer.from_file(cached)
     except ValueError:
@@ -211,8 +212,8 @@ def build_dataset(
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     path = resolve_data_path(data)
-    data_fp, tok_fp = data_fingerprint(path), tokenizer.fingerprint
     root = cache_dir if cache_dir is not None else default_cache_dir()
+    data_fp, tok_fp = data_fingerprint(path, memo=root / "fingerprints"), tokenizer.fingerprint
     entry = tokcache.entry_path(root, data_fp, tok_fp)
     loaded = tokcache.load(entry, data_fp, tok_fp)
     if loaded is None:

@@ -291,14 +291,15 @@ _fingerprints: dict[tuple, str] = {}  # (path, stat identity) → sha256, for th
 _SETTLED = 2.0  # seconds since a file's last change after which its stat identifies its bytes
 
 
-def data_fingerprint(path: str | Path) -> str:
+def data_fingerprint(path: str | Path, memo: Path | None = None) -> str:
     """sha256 of the data: a file's bytes; a folder's sorted `.txt` names and bytes.
 
-    A file's hash is remembered for this process per (path, device, inode, size, mtime, ctime)
-    so the tokenizer and the token cache do not read a large file twice. Only files last changed
-    more than `_SETTLED` seconds before hashing are remembered: file timestamps are coarse (a
-    few ms), so a file written twice within one tick could keep its stat, but any write after
-    the hash was taken carries a later timestamp (the "racy git" rule).
+    A large file is read once, not at every run start: its hash is remembered per (path,
+    device, inode, size, mtime, ctime) in this process and, with `memo` (a folder), on disk.
+    Any write to a file gives it a new ctime, which no user tool can set back, so an unchanged
+    identity means unchanged bytes — with one caveat, handled here: timestamps are coarse (a
+    few ms), so a file is remembered only if it last changed more than `_SETTLED` seconds before
+    it was hashed; any later write then carries a later timestamp (git's "racy clean" rule).
     """
     path = Path(path)
     if path.is_dir():
@@ -315,6 +316,16 @@ def data_fingerprint(path: str | Path) -> str:
         raise DataError(f"data file not found: {path}") from None
     if key in _fingerprints:
         return _fingerprints[key]
+    memo_file = None
+    if memo is not None:
+        memo_file = memo / f"{hashlib.sha256(key[0].encode()).hexdigest()[:32]}.json"
+        try:
+            saved = json.loads(memo_file.read_text(encoding="utf-8"))
+            if saved["identity"] == list(key) and len(saved["sha256"]) == 64:
+                _fingerprints[key] = saved["sha256"]
+                return saved["sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not remembered (or unreadable): hash the file
     started = time.time()
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -323,12 +334,26 @@ def data_fingerprint(path: str | Path) -> str:
     digest = h.hexdigest()
     if started - max(key[4], key[5]) / 1e9 > _SETTLED and _identity(path) == key:
         _fingerprints[key] = digest
+        if memo_file is not None:
+            _remember(memo_file, {"identity": list(key), "sha256": digest})
     return digest
 
 
 def _identity(path: Path) -> tuple:
     st = path.stat()
     return (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _remember(file: Path, value: dict) -> None:
+    # Best effort (a read-only cache just means hashing again); atomic, so readers never see
+    # half a file.
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value), encoding="utf-8")
+        os.replace(tmp, file)
+    except OSError:
+        pass
 
 
 __all__ = [

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -170,6 +172,30 @@ def test_data_fingerprint(tmp_path):
     assert data_fingerprint(folder) not in (first,)
     with pytest.raises(DataError, match="data file not found"):
         data_fingerprint(tmp_path / "gone.txt")
+
+
+def test_fingerprint_of_an_unchanged_file_is_remembered_exactly(tmp_path, monkeypatch):
+    from mmnb import records
+
+    monkeypatch.setattr(records, "_SETTLED", 0.05)
+    monkeypatch.setattr(records, "_fingerprints", {})
+    memo = tmp_path / "memo"
+    path = write(tmp_path / "d.txt", "hello world")
+    assert data_fingerprint(path, memo) == hashlib.sha256(b"hello world").hexdigest()
+    assert not memo.exists()  # just written: its timestamp cannot vouch for its bytes yet
+    time.sleep(0.1)
+    real = data_fingerprint(path, memo)
+    (saved,) = memo.iterdir()
+    # A fresh process trusts the memo while the file's identity (inode, size, times) holds.
+    records._fingerprints.clear()
+    saved.write_text(saved.read_text().replace(real, "f" * 64))
+    assert data_fingerprint(path, memo) == "f" * 64
+    # Same size, other bytes, mtime set back: the ctime still moved, so it is hashed again.
+    before = path.stat()
+    path.write_text("HELLO WORLD", encoding="utf-8")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert data_fingerprint(path, memo) == hashlib.sha256(b"HELLO WORLD").hexdigest()
 
 
 def test_training_texts():
