@@ -28,9 +28,19 @@ from .config import (
 from .data import build_dataset, tokenizer_for
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError
+from .store import Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
+from .validate import (
+    InvalidInput,
+    check_config,
+    check_device,
+    check_run_writable,
+    check_sampling,
+    check_stop_at,
+    check_store,
+    positive,
+)
 
 Listener = Callable[[Event], None]
 
@@ -70,30 +80,67 @@ def train(
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
     """
     store = _store(store)
+    if run is not None:
+        check_run_name(run)
     options = _normalise(options)
-    preset = options.pop("preset", "tiny")
-    model_cfg, train_cfg = resolve(preset, **options)
+    source, notices = None, []
+    device = check_device(device)
+    check_store(store.path, write=True)
     listeners = list(listeners)
     prep = _preparation(listeners)
-    tokenizer = tokenizer_for(
-        train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
-    )
-    if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        # A given tokenizer decides the vocabulary; the embedding follows it.
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if options.get("init_from"):
+        source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
+    else:
+        preset = options.pop("preset", "tiny")
+        model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+        tokenizer = tokenizer_for(
+            train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+        )
+        if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+            # A given tokenizer decides the vocabulary; the embedding follows it.
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    if source is not None:
+        with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
+            for name, tensor in trainer.model.state_dict().items():
+                tensor.copy_(source.state[name])
     handle = store.create_run(
-        run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+        run or store.new_name(),
+        config_to_dict(model_cfg, train_cfg),
+        tokenizer.to_json(),
+        lineage={"init_from": source.lineage} if source is not None else None,
     )
     handle.open_writer()
     try:
         _attach(handle, trainer, listeners)
+        for text in notices:
+            trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
     except BaseException:
         handle.close_writer()
         raise
     return _launch(handle, trainer, start, background)
+
+
+def _from_weights(
+    store: Store, options: dict[str, Any]
+) -> tuple[Any, ModelConfig, TrainConfig, Tokenizer, list[str]]:
+    """Configs and tokenizer for a run that starts from `options["init_from"]`'s weights."""
+    from . import weights  # reading foreign formats only when asked to
+
+    source = weights.read_source(options["init_from"], store)
+    preset = options.pop("preset", None)
+    model_kw = {k: options.pop(k) for k in list(options) if MODEL_ALIASES.get(k, k) in MODEL_FIELDS}
+    model_cfg, chosen, notices = weights.infer_config(source, preset, model_kw)
+    _, train_cfg = resolve(chosen, **options)
+    tokenizer = weights.tokenizer_for_source(source, train_cfg.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens; {source.where} embeds only "
+            f"{model_cfg.vocab_size}"
+        )
+    return source, model_cfg, train_cfg, tokenizer, notices
 
 
 def resume(
@@ -118,6 +165,9 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
+    check_store(store.path, write=False)
     handle = store.run(run) if run is not None else store.newest()
     options = _normalise(options)
     for key in options:
@@ -127,14 +177,20 @@ def resume(
                 if key in TRAJECTORY_FIELDS
                 else "is not a session option"
             )
-            raise ValueError(f"{key} {what}; change it on a branch (mmnb branch), not on resume")
+            raise InvalidInput(
+                f"{{0}} {what}; change it on a branch (mmnb branch), not on resume", key
+            )
     if epochs is not None and more_epochs is not None:
-        raise ValueError("give epochs or more_epochs, not both")
+        raise InvalidInput("give {0} or {1}, not both", "epochs", "more_epochs")
     for label, value in (("epochs", epochs), ("more_epochs", more_epochs)):
-        if value is not None and value <= 0:
-            raise ValueError(f"{label} must be positive, got {value}")
+        if value is not None:
+            positive(label, value)
     model_cfg, train_cfg = config_from_dict(handle.config_dict())
     train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
+    check_config(model_cfg, train_cfg)  # the same validator as train's
+    device = check_device(device)
+    check_store(store.path, write=True)
+    check_run_writable(handle.path)
     handle.open_writer()
     try:
         info = handle.info()
@@ -144,11 +200,18 @@ def resume(
         trainer = _restore(
             state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners
         )
+        check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         _attach(handle, trainer, listeners)
+        if trainer.finished:
+            trainer.emit(
+                "notice",
+                text=f"run {handle.name} already finished its plan at step {trainer.step}; "
+                "nothing to train (extend it with more epochs, or branch it)",
+            )
         return _launch(handle, trainer, True, background)
 
     # ---- extension: a longer plan ----
@@ -169,7 +232,11 @@ def resume(
             f"run {handle.name!r} is at step {trainer.step}; a plan of {new_epochs} epochs "
             f"({new_plan.end} steps) does not extend it"
         )
-    if old.kind == "wsd" and trainer.step > old.decay_start:
+    # Where the run IS, by its index: when the newest checkpoint is unreadable, `load()` fell
+    # back to an older one, but the run has still been trained (and decayed) that far.
+    latest = handle.latest()
+    reached = max(trainer.step, latest.step if latest and step is None else trainer.step)
+    if old.kind == "wsd" and reached > old.decay_start:
         # The decayed steps depend on the old horizon: continue from the decay start instead,
         # in a new run, so the decayed run stays as its own leaf.
         handle.close_writer()
@@ -233,6 +300,9 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    if name is not None:
+        check_run_name(name)
+    check_store(store.path, write=True)
     parent = store.run(run)
     if step is None:
         latest = parent.latest()
@@ -245,8 +315,8 @@ def branch(
     model_kw = {k: overrides.pop(k) for k in list(overrides) if k in MODEL_FIELDS}
     for key, value in model_kw.items():
         if key != "dropout" and value != getattr(model_cfg, key):
-            raise ValueError(
-                f"{key} changes the model's shape; a branch keeps the parent's weights"
+            raise InvalidInput(
+                "{0} changes the model's shape; a branch keeps the parent's weights", key
             )
     unknown = [k for k in overrides if k not in TRAIN_FIELDS or k == "preset"]
     if unknown:
@@ -255,8 +325,9 @@ def branch(
         overrides["max_steps"] = None  # a horizon given in epochs replaces one given in steps
     new_model = dataclasses.replace(model_cfg, **model_kw)
     new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **overrides})
-    new_model.validate()
-    new_train.validate()
+    check_config(new_model, new_train)  # the same validator as train's
+    check_stop_at(new_train.stop_at, step)
+    device = check_device(device)
     return _branch(
         store, parent, step, name, new_model, new_train, listeners, device, start, background
     )
@@ -349,7 +420,14 @@ def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], No
 
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
     handle.trainer = trainer
+    listeners = list(listeners)
     trainer.listeners.extend(listeners)
+    for listener in listeners:
+        # A listener with controls (a dashboard's Stop button) gets the live handle before
+        # training starts: a blocking run returns it only when training is over.
+        attach = getattr(listener, "attach", None)
+        if callable(attach):
+            attach(handle)
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
@@ -403,7 +481,13 @@ def generate(
     seed: int | None = 0,
     chat: bool = False,
 ) -> str:
-    """Continue `prompt` (or answer it as a user message with `chat`); return the new text."""
+    """Continue `prompt` (or answer it as a user message with `chat`); return the new text.
+
+    The result is only what the model wrote — never the prompt — in both modes; `mmnb generate`
+    prints the same. Decoding stops at whole characters: a multi-byte character cut by
+    `max_new_tokens`, or byte tokens that form no character, are left out (no U+FFFD).
+    """
+    check_sampling(max_new_tokens, temperature, top_p)
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], add_generation_prompt=True
@@ -422,4 +506,5 @@ def generate(
     new = out[0, ids.shape[1] :].tolist()
     if tokenizer.eos_id in new:
         new = new[: new.index(tokenizer.eos_id)]
-    return tokenizer.decode(new, skip_special_tokens=True)
+    # A byte-level tokenizer decodes an incomplete UTF-8 sequence to U+FFFD; drop those.
+    return tokenizer.decode(new, skip_special_tokens=True).replace("\ufffd", "")

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .validate import InvalidInput, in_range, non_negative, one_of, positive
+
 FORMAT_VERSION = 1  # version of the JSON written by `config_to_dict`
 
 
@@ -38,6 +40,11 @@ class ModelConfig:
     num_experts_per_tok: int = 1  # top-k routing
     norm_topk_prob: bool = True  # renormalise the top-k router probabilities to sum to 1
     aux_loss_coef: float = 5e-4  # weight of the router load-balancing loss added to the LM loss
+    num_shared_experts: int = 0  # MoE: experts every token passes through (MiniMind2-MoE has 1)
+    # MoE routing and load-balancing loss as the MiniMind generation of this name does them:
+    # "minimind3" renormalises the top-k weights even for top-1 and balances over the batch;
+    # "minimind2" renormalises only top-k > 1 and balances per sequence.
+    moe_router: str = "minimind3"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -46,6 +53,7 @@ class ModelConfig:
             self.intermediate_size = math.ceil(self.hidden_size * math.pi / 64) * 64
 
     def validate(self) -> None:
+        """Raise `InvalidInput` naming the first bad field (see `mmnb.validate`)."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -57,23 +65,36 @@ class ModelConfig:
             "num_experts",
             "num_experts_per_tok",
         ):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"num_key_value_heads ({self.num_key_value_heads}) must divide "
-                f"num_attention_heads ({self.num_attention_heads})"
+            raise InvalidInput(
+                f"{{0}} ({self.num_key_value_heads}) must divide "
+                f"{{1}} ({self.num_attention_heads})",
+                "num_key_value_heads",
+                "num_attention_heads",
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InvalidInput(
+                f"head_dim must be even for RoPE, got {self.head_dim} ({{0}} {self.hidden_size} / "
+                f"{{1}} {self.num_attention_heads})",
+                "hidden_size",
+                "num_attention_heads",
+            )
+        in_range("dropout", self.dropout, 0.0, 1.0, high_open=True)
         if self.num_experts_per_tok > self.num_experts:
-            raise ValueError("num_experts_per_tok must be at most num_experts")
-        _non_negative("aux_loss_coef", self.aux_loss_coef)
-        _positive("rms_norm_eps", self.rms_norm_eps)
-        _positive("rope_theta", self.rope_theta)
+            raise InvalidInput(
+                f"{{0}} ({self.num_experts_per_tok}) must be at most {{1}} ({self.num_experts})",
+                "num_experts_per_tok",
+                "num_experts",
+            )
+        one_of("moe_router", self.moe_router, MOE_ROUTERS)
+        non_negative("num_shared_experts", self.num_shared_experts)
+        non_negative("aux_loss_coef", self.aux_loss_coef)
+        positive("rms_norm_eps", self.rms_norm_eps)
+        positive("rope_theta", self.rope_theta)
 
 
+MOE_ROUTERS = ("minimind3", "minimind2")
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
 
@@ -83,6 +104,8 @@ class TrainConfig:
     """Everything about a run except the architecture. Flag names in the CLI are these, dashed."""
 
     preset: str = "tiny"  # model preset the run started from (recorded; the model fields rule)
+    init_from: str | None = None  # weights the run started from (.pth, .safetensors, HF folder,
+    # RUN@STEP); None = initialised from the seed. Recorded; the lineage holds the file's SHA-256
     data: str | None = None  # .jsonl / .txt file or folder of .txt; None = the bundled corpus
     tokenizer: str | None = None  # tokenizer.json to load; None = train one on the data
     max_seq_len: int = 256  # tokens per sample
@@ -104,7 +127,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
     compile: bool = False  # torch.compile the training step (inductor); same checkpoint keys
     seed: int = 1337  # the one seed: init, data order and dropout all derive from it
-    log_every: int = 10  # optimizer steps between progress updates
+    log_every: int = 1  # optimizer steps between progress events (front-ends throttle redraws)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the automatic ones
     stop_at: int | None = None  # stop (and checkpoint) after this optimizer step; the plan is kept
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
@@ -112,53 +135,30 @@ class TrainConfig:
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
 
     def validate(self) -> None:
-        for name in ("max_seq_len", "epochs", "batch_size", "accum"):
-            _positive(name, getattr(self, name))
+        """Raise `InvalidInput` naming the first bad field (see `mmnb.validate`)."""
+        for name in ("max_seq_len", "epochs", "batch_size", "accum", "log_every"):
+            positive(name, getattr(self, name))
         if self.max_seq_len < 2:
-            raise ValueError("max_seq_len must be at least 2")
+            raise InvalidInput(f"{{0}} must be at least 2, got {self.max_seq_len}", "max_seq_len")
         if self.max_steps is not None:
-            _positive("max_steps", self.max_steps)
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.decay_shape not in ("linear", "1-sqrt"):
-            raise ValueError(f"decay_shape must be linear or 1-sqrt, got {self.decay_shape!r}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in (
-            "warmup",
-            "save_every",
-            "keep_last",
-            "keep_every",
-            "weight_decay",
-            "grad_clip",
-        ):
-            _non_negative(name, getattr(self, name))
-        _positive("log_every", self.log_every)
+            positive("max_steps", self.max_steps)
+        positive("lr", self.lr)
+        one_of("schedule", self.schedule, SCHEDULES)
+        one_of("dtype", self.dtype, DTYPES)
+        one_of("decay_shape", self.decay_shape, ("linear", "1-sqrt"))
+        in_range("decay_fraction", self.decay_fraction, 0.0, 1.0)
+        in_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        for name in ("warmup", "save_every", "keep_last", "keep_every", "weight_decay"):
+            non_negative(name, getattr(self, name))
+        non_negative("grad_clip", self.grad_clip)
+        positive("eps", self.eps)
         for name in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+            in_range(name, getattr(self, name), 0.0, 1.0, high_open=True)
+        non_negative("seed", self.seed)
         if self.stop_at is not None:
-            _non_negative("stop_at", self.stop_at)
+            positive("stop_at", self.stop_at)  # a session that stops at step 0 trains nothing
         if self.time_budget is not None:
-            _positive("time_budget", self.time_budget)
-
-
-def _positive(name: str, value: Any) -> None:
-    if value is None or not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-
-
-def _non_negative(name: str, value: Any) -> None:
-    if value is None or value < 0:
-        raise ValueError(f"{name} must not be negative, got {value}")
+            positive("time_budget", self.time_budget)
 
 
 # Presets: model fields, plus the training defaults that suit that size.
@@ -213,6 +213,27 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
         "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
     },
+    # MiniMind2-MoE (~145M): 4 routed experts top-2 plus 1 shared expert, per-sequence
+    # load balancing with alpha 0.01 (MiniMind2's MoEGate defaults).
+    "minimind2-moe": {
+        "model": dict(
+            vocab_size=6400,
+            hidden_size=640,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            intermediate_size=1728,
+            rms_norm_eps=1e-5,
+            use_moe=True,
+            num_experts=4,
+            num_experts_per_tok=2,
+            num_shared_experts=1,
+            aux_loss_coef=0.01,
+            moe_router="minimind2",
+        ),
+        "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
+    },
+    # minimind-3-moe (~198M, 64M active): 4 experts top-1, HEAD's routing.
     "minimind3-moe": {
         "model": dict(
             vocab_size=6400,
@@ -225,6 +246,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             num_experts=4,
             num_experts_per_tok=1,
             aux_loss_coef=5e-4,
+            moe_router="minimind3",
         ),
         "train": dict(max_seq_len=512, batch_size=32, lr=5e-4),
     },
@@ -238,6 +260,7 @@ MODEL_ALIASES = {
     "experts": "num_experts",
     "top_k": "num_experts_per_tok",
     "moe": "use_moe",
+    "shared_experts": "num_shared_experts",
 }
 
 MODEL_FIELDS = tuple(f.name for f in fields(ModelConfig))
@@ -263,7 +286,9 @@ def resolve(preset: str = "tiny", **overrides: Any) -> tuple[ModelConfig, TrainC
     field names. A value of None means "not given" and leaves the preset's value.
     """
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise InvalidInput(
+            f"unknown {{0}} {preset!r}; choose one of {', '.join(PRESETS)}", "preset"
+        )
     model_kw = dict(PRESETS[preset]["model"])
     train_kw: dict[str, Any] = dict(PRESETS[preset]["train"], preset=preset)
     for key, value in overrides.items():
@@ -315,7 +340,7 @@ def parse_duration(text: str | float | int) -> float:
         return float(text)
     match = _DURATION.match(text)
     if not match:
-        raise ValueError(f"time budget {text!r} is not a duration like 90s, 30m or 2h")
+        raise InvalidInput(f"{{0}} {text!r} is not a duration like 90s, 30m or 2h", "time_budget")
     number, unit = match.groups()
     return float(number) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[unit]
 

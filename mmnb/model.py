@@ -146,44 +146,73 @@ class FeedForward(nn.Module):
 
 
 class MoEFeedForward(nn.Module):
-    """Top-k routed SwiGLU experts with a Switch-style load-balancing loss."""
+    """Top-k routed SwiGLU experts, plus MiniMind2's always-on shared experts when configured.
+
+    Routing and the load-balancing loss follow the MiniMind generation `cfg.moe_router` names
+    (both take MiniMind's formulas op for op, so fp32 logits match MiniMind's bitwise):
+
+    * "minimind3" (HEAD): the top-k weights are renormalised whenever `norm_topk_prob` is set,
+      even for top-1 (each weight becomes 1, so the router learns from the aux loss alone);
+      aux = E * sum_e load_e * P_e * coef over the whole batch, load_e = assignments / tokens.
+    * "minimind2": renormalised only for top-k > 1; aux per sequence (MiniMind2's `seq_aux`):
+      mean over sequences of sum_e (E * assignments_e / (T * k)) * P_e, times coef.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k, self.n_experts = cfg.num_experts_per_tok, cfg.num_experts
         self.norm_topk_prob, self.aux_loss_coef = cfg.norm_topk_prob, cfg.aux_loss_coef
+        self.router = cfg.moe_router
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = nn.ModuleList(FeedForward(cfg) for _ in range(cfg.num_experts))
+        if cfg.num_shared_experts:
+            self.shared_experts = nn.ModuleList(
+                FeedForward(cfg) for _ in range(cfg.num_shared_experts)
+            )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         B, T, C = x.shape
+        k = self.top_k
         flat = x.reshape(-1, C)  # [N, C]
         probs = self.gate(flat).float().softmax(dim=-1)  # [N, E], fp32 for stable routing
-        weight, idx = probs.topk(self.top_k, dim=-1)  # [N, k]
-        # As MiniMind: renormalising a single choice would make its weight exactly 1 and cut the
-        # router off from the LM gradient, so only k > 1 is renormalised.
-        if self.top_k > 1 and self.norm_topk_prob:
-            weight = weight / weight.sum(dim=-1, keepdim=True)
+        weight, idx = probs.topk(k, dim=-1)  # [N, k]
+        if self.norm_topk_prob and (k > 1 or self.router == "minimind3"):
+            weight = weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)  # MiniMind's epsilon
+        if k > 1:  # slots in expert order: MiniMind adds a token's expert outputs in that order
+            idx, perm = idx.sort(dim=-1)
+            weight = weight.gather(-1, perm)
 
         # Group the N*k (token, slot) assignments by expert with one stable sort, run each expert
-        # on its slice, then put results back in assignment order. Every assignment owns a unique
-        # row, so no atomic accumulation is involved: deterministic on any device. Experts with
-        # no tokens still run (on an empty slice) so their grads are zeros, not None.
+        # on its tokens (in token order, as MiniMind does), then put results back in assignment
+        # order. Every assignment owns a unique row, so no atomic accumulation is involved:
+        # deterministic on any device. Experts with no tokens still run (on an empty slice) so
+        # their grads are zeros, not None.
         flat_idx = idx.reshape(-1)  # [N*k]
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
-        xs = flat[order // self.top_k].split(counts)  # assignment a belongs to token a // k
+        xs = flat[order // k].split(counts)  # assignment a belongs to token a // k
         ys = torch.cat([expert(xe) for expert, xe in zip(self.experts, xs, strict=True)])
-        ys = ys[order.argsort()].view(-1, self.top_k, C)  # back to [N, k, C]
-        out = (ys * weight.unsqueeze(-1)).sum(dim=1).type_as(ys)  # [N, C]
+        ys = (ys[order.argsort()].view(-1, k, C) * weight.unsqueeze(-1)).to(x.dtype)  # [N, k, C]
+        out = ys[:, 0]
+        for slot in range(1, k):  # left to right, like MiniMind's accumulation
+            out = out + ys[:, slot]
+        out = out.view(B, T, C)
+        for expert in getattr(self, "shared_experts", ()):
+            out = out + expert(x)
 
-        if self.training and self.aux_loss_coef > 0:
-            # f_e: share of assignments routed to e; P_e: mean router probability of e.
-            f = torch.bincount(flat_idx, minlength=self.n_experts).float() / flat_idx.numel()
-            aux = self.n_experts * (f * probs.mean(dim=0)).sum() * self.aux_loss_coef
+        if not (self.training and self.aux_loss_coef > 0):
+            return out, probs.new_zeros(())
+        E = self.n_experts
+        if self.router == "minimind3":
+            load = F.one_hot(idx, E).float().mean(0)  # [k, E]: share of tokens per slot
+            aux = (load * probs.mean(0)).sum() * E * self.aux_loss_coef
         else:
-            aux = probs.new_zeros(())
-        return out.view(B, T, C), aux
+            counts_seq = torch.zeros(B, E, device=x.device).scatter_add_(
+                1, idx.view(B, -1), torch.ones(B, T * k, device=x.device)
+            )
+            ce = counts_seq.div_(T * k / E)  # [B, E]
+            aux = (ce * probs.view(B, T, E).mean(dim=1)).sum(dim=1).mean() * self.aux_loss_coef
+        return out, aux
 
 
 class DecoderLayer(nn.Module):

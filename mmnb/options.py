@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .config import PRESETS, SCHEDULES
+from .config import MODEL_ALIASES, PRESETS, SCHEDULES
 
 Option = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -63,6 +63,16 @@ RUN_OPTIONS: list[Option] = [
     _opt("--top-k", type=int, help="experts per token"),
 ]
 
+# Where a new run's weights come from (train only: a branch starts from its parent).
+INIT_OPTIONS: list[Option] = [
+    _opt(
+        "--init-from",
+        metavar="WEIGHTS",
+        help="start from weights: a MiniMind .pth, a .safetensors file, a Hugging Face model "
+        "folder, or RUN@STEP (config inferred from the shapes)",
+    ),
+]
+
 # Options that only shape this session (allowed on a plain resume too).
 SESSION_OPTIONS: list[Option] = [
     _opt("--save-every", type=int, help="checkpoint every K optimizer steps"),
@@ -94,7 +104,7 @@ SAMPLE_OPTIONS: list[Option] = [
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS + RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.
@@ -137,3 +147,36 @@ def collect(args: argparse.Namespace, options: list[Option]) -> dict[str, Any]:
         if value is not None:
             values[dest] = value
     return values
+
+
+# Flags of options declared elsewhere (resume/branch/generate) that errors may name.
+_EXTRA_FLAGS = {
+    "more_epochs": "--more-epochs",
+    "new_name": "--name",
+    "step": "--step",
+    "prompt": "--prompt",
+}
+
+
+def flag_name(field: str) -> str:
+    """The flag a user typed for a config field or API keyword: `num_attention_heads` →
+    `--heads`, `max_new_tokens` → `--max-new-tokens`; the field itself when no flag sets it.
+    Front-ends render `mmnb.validate.InvalidInput` with it."""
+    return _FLAGS.get(field, field)
+
+
+def _flags() -> dict[str, str]:
+    flags = dict(_EXTRA_FLAGS)
+    tables = RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    tables += NAME_OPTIONS
+    for opt_flags, kwargs in tables:
+        flag = opt_flags[0]
+        dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+        flags[dest] = flag
+    for alias, field in MODEL_ALIASES.items():  # --heads sets num_attention_heads
+        if alias in flags:
+            flags[field] = flags[alias]
+    return flags
+
+
+_FLAGS = _flags()

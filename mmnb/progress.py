@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from .train import Event
+if TYPE_CHECKING:
+    from .train import Event
 
 
 def metric_parts(loss: float | None, lr: float | None, tokens_per_s: float | None) -> list[str]:
@@ -104,7 +105,7 @@ class ConsoleProgress:
             self.write(f"note: {info['text']}")
         elif event.kind == "checkpoint" and info.get("saved") is not None:
             reasons = set(info["reasons"])
-            if reasons & {"interrupt", "time_budget", "stop_at", "requested", "end"}:
+            if reasons & {"interrupt", "time_budget", "stop_at", "requested", "stop", "end"}:
                 saved = info["saved"]
                 self.write(f"checkpoint: step {saved.step} ({', '.join(saved.reasons)})")
         elif event.kind == "stop":

@@ -7,6 +7,10 @@ Every random stream is a pure function of (seed, epoch/step): the model init of 
 order of (seed, epoch), dropout masks of (seed, step). The trainer draws nothing from the global
 RNGs, so a user's cell that reseeds torch meanwhile cannot change the run. The global RNG states
 are still saved and restored with a checkpoint, for code of the user's that draws from them.
+
+Numerical faults: a non-finite loss or gradient norm is found at the step it happens, after the
+backward passes and before clipping and `optimizer.step()`, so the weights and AdamW moments are
+still those of the last boundary. `Trainer.on_anomaly` decides what happens (see `Anomaly`).
 """
 
 from __future__ import annotations
@@ -43,11 +47,72 @@ class Event:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Anomaly:
+    """A non-finite loss or gradient norm, found before the optimizer applied the step.
+
+    The anomaly hook, `Trainer.on_anomaly(trainer, anomaly) -> str`, is called with it while the
+    trainer sits at the last optimizer-step boundary plus this step's gradients (in `.grad`):
+    weights, optimizer state, counters, data position and metrics are untouched. It returns
+
+    - `AnomalyAction.STOP` (the default policy, `stop_on_anomaly`): the gradients are dropped and
+      `fit()` raises `NonFiniteError` after a `stop` event with reason `anomaly`; nothing is
+      checkpointed, so no non-finite state ever reaches the store;
+    - `AnomalyAction.SKIP`: the update is not applied (gradients dropped, optimizer not stepped),
+      but the step counts: counters and the data position advance past this step's batch and
+      the metrics log it with its non-finite loss/grad norm. A deterministic policy keeps the
+      trajectory a pure function of (config, seed, data).
+
+    A policy may also raise (e.g. to roll back to a checkpoint from the caller); the exception
+    leaves `fit()` like `NonFiniteError` does. Policies must not print (front-ends render events).
+    """
+
+    step: int  # the optimizer step being taken (steps completed + 1)
+    loss: float  # mean loss over the accumulation window
+    grad_norm: float  # total gradient norm before clipping
+    lr: float
+
+    @property
+    def what(self) -> str:
+        return "loss" if not math.isfinite(self.loss) else "gradient norm"
+
+    def __str__(self) -> str:
+        value = self.loss if self.what == "loss" else self.grad_norm
+        return (
+            f"non-finite {self.what} ({value}) at step {self.step} (lr {self.lr:.3g}); "
+            "training stopped before the optimizer step"
+        )
+
+
+class AnomalyAction:
+    STOP = "stop"
+    SKIP = "skip"
+
+
+class NonFiniteError(ArithmeticError):
+    """Training stopped at a non-finite loss or gradient norm (the default anomaly policy)."""
+
+    def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
+        text = str(anomaly)
+        if newest_checkpoint is not None:
+            text += f"; the newest checkpoint is step {newest_checkpoint}"
+        super().__init__(text)
+        self.anomaly = anomaly
+        self.newest_checkpoint = newest_checkpoint
+
+
+def stop_on_anomaly(trainer: Trainer, anomaly: Anomaly) -> str:
+    """The default anomaly policy: stop before the bad update is applied."""
+    return AnomalyAction.STOP
+
+
 class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -157,12 +222,16 @@ class Trainer:
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
         self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
+        # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
+        self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
+        self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
         self._compiled = False  # a compiled step has run (the compile cost is paid)
 
@@ -189,6 +258,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -206,8 +276,14 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False
@@ -304,6 +380,7 @@ class Trainer:
             if self.saver is not None:
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
                 future.set_exception(err)
@@ -340,10 +417,20 @@ class Trainer:
             (out.loss / cfg.accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
+        # clip_grad_norm_ split in its two halves (bitwise the same) so that a non-finite step
+        # is seen before clipping scales the gradients and before the optimizer applies them.
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in model.parameters() if p.grad is not None]
+        )
+        loss = (loss_sum / cfg.accum).item()
+        apply = True
+        if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
         with self._guard.critical():
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            self.optimizer.step()
+            if apply:
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+                torch.nn.utils.clip_grads_with_norm_(model.parameters(), clip, grad_norm)
+                self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.tokens += tokens
@@ -352,7 +439,7 @@ class Trainer:
                 self.epoch, self.position = self.epoch + 1, 0
             m = self.metrics
             m["step"].append(self.step)
-            m["loss"].append((loss_sum / cfg.accum).item())
+            m["loss"].append(loss)
             m["lr"].append(lr)
             m["grad_norm"].append(grad_norm.item())
             m["tokens"].append(self.tokens)
@@ -360,7 +447,25 @@ class Trainer:
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
-            self.emit("step", loss=m["loss"][-1], lr=lr, tokens=self.tokens)
+            self.emit(
+                "step",
+                loss=m["loss"][-1],
+                lr=lr,
+                tokens=self.tokens,
+                grad_norm=m["grad_norm"][-1],
+            )
+
+    def _anomaly(self, anomaly: Anomaly) -> bool:
+        """Ask the anomaly policy; True to apply the update anyway (never by default)."""
+        action = self.on_anomaly(self, anomaly)
+        if action == AnomalyAction.SKIP:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if action != AnomalyAction.STOP:
+            raise ValueError(f"anomaly policy returned {action!r}; expected 'stop' or 'skip'")
+        error = NonFiniteError(anomaly, self.saved_step)
+        self.emit("stop", reason="anomaly", text=str(error))
+        raise error
 
     # ---- state ----
     def state_dict(self) -> dict[str, Any]:
@@ -424,6 +529,7 @@ class Trainer:
         self.elapsed = float(t["elapsed"])
         self.position = int(sd["data"]["position"])
         self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
+        self.saved_step = self.step  # the state came from a checkpoint of this step
         if restore_rng:
             set_rng_state(sd["rng"])
 

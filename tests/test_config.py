@@ -45,6 +45,14 @@ def test_overrides_and_aliases():
         ({"dtype": "fp8"}, "dtype"),
         ({"dropout": 1.5}, "dropout"),
         ({"epochs": 0}, "epochs"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"beta2": float("nan")}, "beta2 must be a finite number"),
+        ({"grad_clip": float("inf")}, "grad_clip must be a finite number"),
+        ({"dropout": float("nan")}, "dropout must be a finite number"),
+        ({"min_lr_ratio": float("-inf")}, "min_lr_ratio must be a finite number"),
+        ({"log_every": 0}, "log_every must be positive"),
+        ({"stop_at": 0}, "stop_at must be positive"),
     ],
 )
 def test_validation_names_the_field(kwargs, field):

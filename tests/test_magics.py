@@ -248,7 +248,7 @@ def test_background_status_checkpoint_and_stop(ip, opts, tmp_path):
     assert "bg  [run bg · step" in cap.stdout
     _, cap = cell(ip, f"%train --stop bg --store {store.path}")
     latest = store.run("bg").latest()
-    assert "requested" in latest.reasons and latest.step >= info.step
+    assert "stop" in latest.reasons and latest.step >= info.step
     assert (
         cap.stdout.strip()
         == f"stopped run bg at step {latest.step}: {store.path / 'bg' / latest.file}"
@@ -362,21 +362,32 @@ def test_runs_is_a_tree_of_branches_with_checkpoints(ip, opts, micro, tmp_path):
         ("%train --preset huge {opts}", "argument --preset: invalid choice: 'huge'"),
         ("%train --epochs two {opts}", "argument --epochs: invalid int value: 'two'"),
         ("%train x {opts} --data {tmp}/missing.jsonl", "data file not found"),
-        ("%train x --lr 0 {opts}", "lr must be positive"),
+        ("%train x --lr 0 {opts}", "--lr must be positive"),
+        ("%train x --lr inf {opts}", "--lr must be a finite number, got inf"),
+        ("%train x {opts} --heads 4 --kv-heads 3", "--kv-heads (3) must divide --heads (4)"),
+        ("%train x --device nosuch {opts}", "--device 'nosuch' is not a torch device"),
+        ("%train x {opts} --store {tmp}/afile", "is a file, not a folder"),
+        ("%resume a --log-every 0 {store}", "--log-every must be positive, got 0"),
+        ("%resume a --stop-at 2 {store}", "--stop-at 2 is not after step 3"),
         ("%train a {opts}", "run 'a' already exists"),
-        ("%train x --time-budget soon {opts}", "time budget 'soon' is not a duration"),
+        ("%train x --time-budget soon {opts}", "--time-budget 'soon' is not a duration"),
         ("%train --status --lr 1 {store}", "--status and --stop take only RUN and --store"),
         ("%train --stop {store}", "no run is training in the background in this kernel"),
         ("%resume ghost {store}", "no run named 'ghost'"),
+        ("%resume ../a {store}", "invalid run name '../a'"),
+        ("%resume a --branch ../b {store}", "invalid run name '../b'"),
         ("%resume a@99 {store}", "run 'a' has no checkpoint at step 99 (it has: 0, "),
         ("%resume a@x {store}", "RUN@STEP needs an integer step, got 'a@x'"),
         ("%resume a@3 --step 2 {store}", "two steps given: @3 and --step 2"),
-        ("%resume a --epochs -1 {store}", "epochs must be positive, got -1"),
-        ("%resume a --epochs 2 --more-epochs 1 {store}", "give epochs or more_epochs, not both"),
+        ("%resume a --epochs -1 {store}", "--epochs must be positive, got -1"),
+        (
+            "%resume a --epochs 2 --more-epochs 1 {store}",
+            "give --epochs or --more-epochs, not both",
+        ),
         ("%resume a --lr 1 {store}", "--lr changes the run's trajectory; add --branch NAME"),
         ("%resume a --branch b --more-epochs 1 {store}", "a branch's length is --epochs"),
         ("%resume a --branch b --data {tmp}/missing.jsonl {store}", "data file not found"),
-        ("%resume a --branch b --layers 3 {store}", "num_hidden_layers changes the model's shape"),
+        ("%resume a --branch b --layers 3 {store}", "--layers changes the model's shape"),
         ("%resume a --branch a {store}", "run 'a' already exists"),
         ("%resume {tmp}/empty", "has no runs"),
         ("%checkpoint ghost {store}", "no run named 'ghost'"),
@@ -390,6 +401,7 @@ def test_errors_are_one_line_and_leave_the_store_unchanged(ip, opts, tmp_path, l
     before = store_snapshot(store)
     line = line.format(opts=opts, store=f"--store {store.path}", tmp=tmp_path)
     line = line.replace(f"{tmp_path}/empty", f"--store {tmp_path}/empty")
+    (tmp_path / "afile").write_text("not a store")
     result, cap = cell(ip, line)
     assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
     assert cap.stderr.strip().splitlines() == [f"UsageError: {result.error_in_exec}"]

@@ -53,6 +53,8 @@ def expected_keys(c: ModelConfig) -> set[str]:
             keys.add(f"{p}mlp.gate.weight")
             for e in range(c.num_experts):
                 keys |= {f"{p}mlp.experts.{e}.{n}.weight" for n in swiglu}
+            for e in range(c.num_shared_experts):
+                keys |= {f"{p}mlp.shared_experts.{e}.{n}.weight" for n in swiglu}
         else:
             keys |= {f"{p}mlp.{n}.weight" for n in swiglu}
     return keys
@@ -64,7 +66,7 @@ def expected_params(c: ModelConfig) -> int:
     qk = 2 * D if c.qk_norm else 0
     mlp = 3 * C * c.intermediate_size
     if c.use_moe:
-        mlp = C * c.num_experts + c.num_experts * mlp
+        mlp = C * c.num_experts + (c.num_experts + c.num_shared_experts) * mlp
     layer = attn + qk + mlp + 2 * C
     return c.vocab_size * C + c.num_hidden_layers * layer + C  # tied head counted once
 
@@ -89,7 +91,13 @@ def test_preset_layout_and_param_count(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name,lo,hi",
-    [("minimind2-small", 25e6, 27e6), ("minimind3", 62e6, 66e6), ("minimind2", 100e6, 108e6)],
+    [
+        ("minimind2-small", 25e6, 27e6),
+        ("minimind3", 62e6, 66e6),
+        ("minimind2", 100e6, 108e6),
+        ("minimind2-moe", 143e6, 147e6),
+        ("minimind3-moe", 196e6, 200e6),
+    ],
 )
 def test_preset_sizes(name: str, lo: float, hi: float) -> None:
     with torch.device("meta"):
@@ -278,11 +286,53 @@ def test_moe_aux_loss() -> None:
     assert torch.equal(ev.loss, ev.lm_loss)
 
 
-def test_moe_top1_router_gets_lm_gradient() -> None:
-    cfg = tiny(**VARIANTS["moe_top1"], aux_loss_coef=0.0)
-    model = MiniMind(cfg, seed=0).train()
-    model(ids(2, 8), ids(2, 8, seed=1)).loss.backward()
-    assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+def test_moe_top1_router_gradient_per_generation() -> None:
+    # MiniMind2 keeps a single expert's raw probability as its weight, so the router learns from
+    # the LM loss; HEAD renormalises it to exactly 1, so without the aux loss it learns nothing.
+    x, y = ids(2, 8), ids(2, 8, seed=1)
+    grads = {}
+    for router in ("minimind2", "minimind3"):
+        cfg = tiny(**VARIANTS["moe_top1"], aux_loss_coef=0.0, moe_router=router)
+        model = MiniMind(cfg, seed=0).train()
+        model(x, y).loss.backward()
+        grads[router] = model.model.layers[0].mlp.gate.weight.grad.abs().sum().item()
+    assert grads["minimind2"] > 1e-3
+    assert grads["minimind3"] < 1e-6 * grads["minimind2"]  # rounding residue of w / (w + 1e-20)
+
+
+@pytest.mark.parametrize("router", ["minimind2", "minimind3"])
+def test_moe_routing_formulas(router: str) -> None:
+    # The routed output and aux loss recomputed from their definitions, one token at a time.
+    cfg = tiny(
+        use_moe=True,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1 if router == "minimind2" else 0,
+        aux_loss_coef=0.1,
+        moe_router=router,
+    )
+    moe = MiniMind(cfg, seed=3).model.layers[0].mlp.train()
+    h = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    out, aux = moe(h)
+    p = F.softmax(moe.gate(h.reshape(-1, 32)), dim=-1)
+    w, i = p.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    want = torch.stack(
+        [
+            sum(w[n, s] * moe.experts[int(i[n, s])](h.reshape(-1, 32)[n]) for s in range(2))
+            for n in range(10)
+        ]
+    ).view(2, 5, 32)
+    if router == "minimind2":
+        want = want + moe.shared_experts[0](h)
+    torch.testing.assert_close(out, want)
+    counts = F.one_hot(i, 4).sum(1).float()  # [N, E]
+    if router == "minimind3":
+        want_aux = 4 * (counts.mean(0) * p.mean(0)).sum() * 0.1
+    else:
+        per_seq = counts.view(2, 5, 4).sum(1) / (5 * 2 / 4)  # [B, E]
+        want_aux = (per_seq * p.view(2, 5, 4).mean(1)).sum(1).mean() * 0.1
+    torch.testing.assert_close(aux, want_aux)
 
 
 # ---- dropout and determinism -----------------------------------------------------------------

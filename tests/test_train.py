@@ -13,7 +13,14 @@ from mmnb.config import resolve
 from mmnb.data import build_dataset, epoch_order, tokenizer_for
 from mmnb.model import MiniMind
 from mmnb.store import Store
-from mmnb.train import Trainer, rng_state, set_rng_state
+from mmnb.train import (
+    AnomalyAction,
+    NonFiniteError,
+    Trainer,
+    rng_state,
+    set_rng_state,
+    stop_on_anomaly,
+)
 
 
 def make_trainer(small_corpus, **overrides) -> Trainer:
@@ -136,8 +143,8 @@ def test_stop_and_checkpoint_requests_from_outside(small_corpus):
             trainer.stop()
 
     trainer.listeners.append(control)
-    assert trainer.fit() == "requested"
-    assert saves == [(3, ["requested"]), (5, ["requested"])]  # at the very boundary
+    assert trainer.fit() == "stop"
+    assert saves == [(3, ["requested"]), (5, ["stop"])]  # at the very boundary
 
 
 def test_rng_state_round_trip():
@@ -150,3 +157,93 @@ def test_rng_state_round_trip():
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0])
     assert np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def _poison_step(trainer: Trainer, step: int) -> None:
+    """Make the loss of optimizer step `step` (1-based) NaN, through the model's output."""
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if trainer.step + 1 == step and out.loss is not None:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer.model.forward = poisoned
+
+
+def test_non_finite_loss_stops_before_the_update_by_default(small_corpus):
+    trainer = make_trainer(small_corpus, max_steps=6)
+    _poison_step(trainer, 3)
+    saves, events = [], []
+    trainer.saver = lambda t, reasons, tags: saves.append(t.step)
+    trainer.listeners.append(events.append)
+    trainer.checkpoint(["start"])
+    before = None
+
+    def remember(t, anomaly):
+        nonlocal before
+        before = (anomaly, {k: v.clone() for k, v in t.model.state_dict().items()})
+        return stop_on_anomaly(t, anomaly)
+
+    trainer.on_anomaly = remember
+    with pytest.raises(NonFiniteError) as err:
+        trainer.fit()
+    assert str(err.value) == (
+        f"non-finite loss (nan) at step 3 (lr {trainer.plan.lr_at(2):.3g}); training stopped "
+        "before the optimizer step; the newest checkpoint is step 0"
+    )
+    anomaly, weights = before
+    assert (anomaly.step, anomaly.what) == (3, "loss") and trainer.step == 2
+    assert all(torch.equal(weights[k], v) for k, v in trainer.model.state_dict().items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert saves == [0] and len(trainer.metrics["loss"]) == 2
+    assert (events[-1].kind, events[-1].info["reason"]) == ("stop", "anomaly")
+
+
+def test_skip_policy_drops_the_update_and_goes_on(small_corpus):
+    trainer = make_trainer(small_corpus, max_steps=4)
+    _poison_step(trainer, 2)
+    trainer.on_anomaly = lambda t, anomaly: AnomalyAction.SKIP
+    weights = {}
+    original = trainer._train_step
+
+    def step_and_remember():
+        original()
+        weights[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+    trainer._train_step = step_and_remember
+    trainer.fit()
+    assert trainer.step == 4 and trainer.position == 4 * trainer.samples_per_step
+    assert all(torch.equal(weights[1][k], weights[2][k]) for k in weights[1])
+    assert not torch.equal(weights[2]["model.norm.weight"], weights[3]["model.norm.weight"])
+    loss = trainer.metrics["loss"]
+    assert np.isnan(loss[1]) and np.isfinite([loss[0], *loss[2:]]).all()
+
+
+def test_huge_lr_stops_at_the_first_non_finite_step_without_a_nan_checkpoint(tmp_path, micro):
+    from mmnb.cli import main
+
+    store = Store(tmp_path / "s")
+    args = ["train", "x", "--store", str(store.path), "--no-sample", "--lr", "1e6"]
+    args += ["--max-steps", "20", "--save-every", "1", *cli_args(micro)]
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(args) == 1
+    run = store.run("x")
+    newest = run.latest().step
+    line = err.getvalue().strip().splitlines()[-1]
+    assert line.startswith("mmnb: error: non-finite loss (nan) at step ")
+    assert line.endswith(f"the newest checkpoint is step {newest}")
+    failed = int(line.split(" at step ")[1].split()[0])
+    assert failed == newest + 1 < 20
+    for info in run.steps():
+        state = run.load(info.step)
+        for tensor in [*state["model"].values()] + [
+            t for slots in state["optim"]["state"].values() for t in slots.values()
+        ]:
+            assert torch.isfinite(tensor).all()
+        assert np.isfinite(state["metrics"]["loss"]).all()

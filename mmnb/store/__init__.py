@@ -1,7 +1,9 @@
 """The HDF5 run store: immutable per-step checkpoint files behind an atomically replaced index."""
 
+from .confine import check_run_name
+from .errors import CorruptCheckpoint, StoreError, StoreWriteError
 from .h5state import ChecksumError, read_tree, write_tree
-from .run import CorruptCheckpoint, Run, StepInfo, StoreError
+from .run import Run, StepInfo
 from .store import Store, default_store_path
 
 __all__ = [
@@ -11,6 +13,8 @@ __all__ = [
     "StepInfo",
     "Store",
     "StoreError",
+    "StoreWriteError",
+    "check_run_name",
     "default_store_path",
     "read_tree",
     "write_tree",

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import h5py
 import numpy as np
 
+from . import confine
+from .errors import CorruptCheckpoint, StoreError, StoreWriteError, describe_os_error
 from .h5state import ChecksumError, read_tree, write_tree
 
 if TYPE_CHECKING:
@@ -42,14 +44,6 @@ RUN_FILE = "run.h5"
 CKPT_DIR = "ckpt"
 _CKPT_NAME = re.compile(r"^(\d{8})\.h5$")
 STATE_GROUPS = ("model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics")
-
-
-class StoreError(Exception):
-    """A user-facing store problem (unknown run or step, lock held, corrupt file)."""
-
-
-class CorruptCheckpoint(StoreError):
-    pass
 
 
 @dataclass
@@ -79,6 +73,15 @@ def step_name(step: int) -> str:
     return f"{step:08d}"  # zero-padded so names sort numerically
 
 
+def checkpoint_file(run: str, step: int, owner: str) -> str:
+    """The index's `file` of `step` written by run `owner`, relative to run `run`'s folder.
+
+    The only places a checkpoint can be: this run's `ckpt/` or another run's in the same store.
+    """
+    name = f"{CKPT_DIR}/{step_name(step)}.h5"
+    return name if owner == run else f"../{owner}/{name}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -96,7 +99,7 @@ class Run:
     """A handle on `<store>/<name>/`. Reading never takes the lock; writing needs `open_writer`."""
 
     def __init__(self, store: Store, name: str) -> None:
-        self.store, self.name = store, name
+        self.store, self.name = store, confine.check_run_name(name)
         self.path = store.path / name
         self.trainer: Any = None  # the live Trainer when this process trains the run
         self.thread: threading.Thread | None = None  # background training, if any
@@ -106,6 +109,19 @@ class Run:
 
     def __repr__(self) -> str:
         return f"<mmnb.Run {self.name!r} at {self.path}>"
+
+    # One line in a notebook (Out[n]) instead of the raw repr; the words live in describe.py.
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        from ..describe import run_line
+
+        printer.text(run_line(self))
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from ..describe import run_line
+
+        return f"<code>{escape(run_line(self))}</code>"
 
     @property
     def run_file(self) -> Path:
@@ -128,11 +144,12 @@ class Run:
         return (p["run"], int(p["step"])) if p else None
 
     def info(self) -> dict[str, Any]:
-        """Run-level attributes decoded: config, parent, stage, history, created."""
+        """Run-level attributes decoded: config, parent, stage, history, lineage, created."""
         attrs = self._attrs()
-        return {
-            k: json.loads(attrs[k]) for k in ("config", "parent", "stage", "history") if k in attrs
-        } | {"created": float(attrs.get("created", 0.0))}
+        keys = ("config", "parent", "stage", "history", "lineage")
+        return {k: json.loads(attrs[k]) for k in keys if k in attrs} | {
+            "created": float(attrs.get("created", 0.0))
+        }
 
     def tokenizer_json(self) -> str:
         return str(self._attrs()["tokenizer"])
@@ -164,8 +181,7 @@ class Run:
         info = self.step_info(step) if step is not None else self.latest()
         if info is None:
             return {}
-        with h5py.File(self.path / info.file, "r", locking=False) as f:
-            return {k: f["metrics"][k][()] for k in f["metrics"]}
+        return self._load_file(info, True, ("metrics",))["metrics"]
 
     def status(self) -> str:
         if self.is_locked():
@@ -180,9 +196,8 @@ class Run:
     def is_locked(self) -> bool:
         if self._lock_fd is not None:
             return True
-        try:
-            fd = os.open(self.path / "LOCK", os.O_RDONLY)
-        except FileNotFoundError:
+        fd = confine.open_lock(self.path / "LOCK", create=False)
+        if fd is None:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -266,10 +281,30 @@ class Run:
                 warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
         raise StoreError(f"run {self.name!r} has no readable checkpoint")
 
+    def checkpoint_path(self, info: StepInfo) -> Path:
+        """The checked path of a listed checkpoint: inside the store, a regular file reached
+        through real folders. Raises CorruptCheckpoint otherwise (missing file included)."""
+        expected = checkpoint_file(self.name, info.step, info.run)
+        if info.file != expected:
+            raise CorruptCheckpoint(
+                f"index {self.run_file} lists step {info.step} at {info.file!r}, "
+                f"not at {expected!r}; refused"
+            )
+        try:
+            return confine.store_file(
+                self.store.path,
+                info.run,
+                CKPT_DIR,
+                f"{step_name(info.step)}.h5",
+                what="checkpoint",
+            )
+        except StoreError as err:
+            raise CorruptCheckpoint(str(err)) from None
+
     def _load_file(
         self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
-        path = (self.path / info.file).resolve()
+        path = self.checkpoint_path(info)
         try:
             with h5py.File(path, "r", locking=False) as f:
                 state = {k: read_tree(f[k], verify=verify) for k in groups if k in f}
@@ -286,19 +321,28 @@ class Run:
         """Take the run's writer lock (non-blocking) and recover an interrupted commit."""
         if self._lock_fd is not None:
             return
-        fd = os.open(self.path / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        confine.store_file(self.store.path, self.name, RUN_FILE, what="run file")
+        fd = confine.open_lock(self.path / "LOCK", create=True)
+        assert fd is not None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
             os.close(fd)
             if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise StoreError(
                     f"run {self.name!r} is being written by another trainer "
-                    f"({(self.path / 'LOCK').read_text().strip() or 'unknown'}); stop it first"
+                    f"({holder or 'unknown'}); stop it first"
                 ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
+            raise StoreError(f"cannot lock {self.path / 'LOCK'}: {err}") from None
+        try:  # only the holder of the lock rewrites its content
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+        except OSError as err:
+            os.close(fd)
+            raise StoreWriteError(
+                f"cannot write {self.path / 'LOCK'}: {describe_os_error(err)}", err.errno
+            ) from None
         self._lock_fd = fd
         self._reconcile()
 
@@ -312,7 +356,7 @@ class Run:
     def _reconcile(self) -> None:
         """Make the index agree with the committed files (a crash may sit between the two)."""
         on_disk = self.steps()
-        index = [s for s in on_disk if s.inherited or (self.path / s.file).exists()]
+        index = [s for s in on_disk if self._present(s)]
         known = {s.file for s in index}
         ckpt = self.path / CKPT_DIR
         for entry in sorted(ckpt.iterdir()):
@@ -332,6 +376,14 @@ class Run:
             # Only a repair rewrites the index: opening a run (e.g. a resume that then fails
             # on user input) must leave it untouched, or it would become the store's newest.
             self._write_run_file()
+
+    def _present(self, info: StepInfo) -> bool:
+        try:
+            self.checkpoint_path(info)
+            return True
+        except CorruptCheckpoint as err:
+            warnings.warn(f"{err}; removed from the index", stacklevel=3)
+            return False
 
     def commit(self, state: dict[str, Any], reasons: list[str], tags: list[str] = ()) -> StepInfo:
         """Write `state` as the checkpoint of its step; return its StepInfo.
@@ -400,9 +452,10 @@ class Run:
             raise StoreError(f"step {step} belongs to run {info.run!r}, not to {self.name!r}")
         if step in self.store.branch_points(self.name):
             raise StoreError(f"step {step} of run {self.name!r} is a branch point; not deleted")
+        path = self.checkpoint_path(info)
         self._index = [s for s in (self._index or []) if s.step != step]
         self._write_run_file()
-        (self.path / info.file).unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
     def prune(self, keep_last: int, keep_every: int, protect: set[int]) -> list[int]:
         """Retention: keep the newest `keep_last` own checkpoints and every `keep_every`-th step.

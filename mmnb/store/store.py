@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .run import CKPT_DIR, FORMAT_VERSION, RUN_FILE, Run, StepInfo, StoreError, write_run_file
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
+from . import confine
+from .errors import StoreError
+from .run import (
+    CKPT_DIR,
+    FORMAT_VERSION,
+    RUN_FILE,
+    Run,
+    StepInfo,
+    checkpoint_file,
+    write_run_file,
+)
 
 
 def default_store_path() -> Path:
@@ -28,14 +36,33 @@ class Store:
         return f"<mmnb.Store {str(self.path)!r}: {len(self.runs())} runs>"
 
     def runs(self) -> list[Run]:
+        """The runs of the store, by name. A folder that is no run (no valid name, no run file)
+        is not listed; one that would lead outside the store (a symlink) is skipped with a
+        warning naming it."""
         if not self.path.is_dir():
             return []
-        return [Run(self, p.name) for p in sorted(self.path.iterdir()) if (p / RUN_FILE).is_file()]
+        runs = []
+        for entry in sorted(self.path.iterdir()):
+            if not confine.RUN_NAME.match(entry.name):
+                continue  # the store's own files (.lock, temporary folders), not runs
+            try:
+                if confine.real_dir(entry, "run folder") and confine.regular_file(
+                    entry / RUN_FILE, "run file"
+                ):
+                    runs.append(Run(self, entry.name))
+            except StoreError as err:
+                warnings.warn(f"{err}; skipping it", stacklevel=2)
+        return runs
 
     def run(self, name: str) -> Run:
-        if not (self.path / name / RUN_FILE).is_file():
+        confine.check_run_name(name)
+        try:
+            confine.store_file(self.path, name, RUN_FILE, what="run file")
+        except StoreError as err:
+            if "does not exist" not in str(err):
+                raise
             have = ", ".join(r.name for r in self.runs()) or "none"
-            raise StoreError(f"no run named {name!r} in store {self.path} (runs: {have})")
+            raise StoreError(f"no run named {name!r} in store {self.path} (runs: {have})") from None
         return Run(self, name)
 
     def newest(self) -> Run:
@@ -64,18 +91,16 @@ class Store:
         *,
         parent: tuple[str, int] | None = None,
         stage: dict[str, Any] | None = None,
+        lineage: dict[str, Any] | None = None,
     ) -> Run:
         """Create `<store>/<name>/` with its run file; fails if the name is taken.
 
         A branch's index starts with links to its parent's checkpoints up to the branch step:
         the history is shared, never copied.
         """
-        if not _NAME.match(name):
-            raise StoreError(
-                f"invalid run name {name!r}: use letters, digits, '.', '_', '+', '-' (max 100)"
-            )
+        confine.check_run_name(name)
         folder = self.path / name
-        if folder.exists():
+        if os.path.lexists(folder):
             raise StoreError(f"run {name!r} already exists in store {self.path}")
         inherited: list[StepInfo] = []
         if parent is not None:
@@ -83,8 +108,8 @@ class Store:
             source.step_info(parent[1])  # the branch point must exist
             for info in source.steps():
                 if info.step <= parent[1]:
-                    owner = source.path / info.file
-                    rel = os.path.relpath(owner.resolve(), folder.resolve())
+                    source.checkpoint_path(info)  # confined and present
+                    rel = checkpoint_file(name, info.step, info.run)
                     inherited.append(StepInfo(**{**info.__dict__, "file": rel}))
         (folder / CKPT_DIR).mkdir(parents=True)
         attrs = {
@@ -94,6 +119,7 @@ class Store:
             "parent": json.dumps({"run": parent[0], "step": parent[1]} if parent else None),
             "stage": json.dumps(stage or {"start": 0, "reset_data": False}),
             "history": json.dumps([]),
+            "lineage": json.dumps(lineage or {}),
             "tokenizer": tokenizer_json,
             "created": time.time(),
         }

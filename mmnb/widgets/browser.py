@@ -26,12 +26,13 @@ from .actions import Actions
 from .catalog import Catalog, RunEntry
 from .compare import Compare
 from .dashboard import Dashboard
+from .exporter import ExportTab
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
 from .sampler import Sampler
 
-TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Compare")
+TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Export", "Compare")
 
 
 def _size(n: int) -> str:
@@ -62,6 +63,7 @@ class Browser:
         self._quiet = False  # set while options change, so observers ignore the churn
         self._lock = threading.RLock()  # kernel callbacks vs threads following actions
         self._watchers: list[threading.Thread] = []
+        self._reported: set[str] = set()  # store problems already shown in the log
         self._dashboards: list[Dashboard] = []
         guard = self.log.guard
 
@@ -94,8 +96,14 @@ class Browser:
         self.sampler = Sampler(self.log, self.selection, cache_size=models)
         self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
         self.compare = Compare(self.catalog, self.log)
+        self.exporter = ExportTab(self.log, self.selection)
         self.tabs = w.Tab(
-            children=[self.sampler.view, *self.actions.views, self.compare.view],
+            children=[
+                self.sampler.view,
+                *self.actions.views,
+                self.exporter.view,
+                self.compare.view,
+            ],
             titles=TAB_TITLES,
         )
         self.jobs_box = w.VBox()
@@ -180,6 +188,7 @@ class Browser:
         self.image.value = self.plot.png()
         self.meta.value = self._meta_html(entry, info)
         self.actions.selected(entry, info)
+        self.exporter.selected(entry, info)
         self.last_update_s = time.perf_counter() - started
         self.sampler.selected(entry, info)  # may generate: not part of the slider's latency
 
@@ -239,6 +248,10 @@ class Browser:
         """Re-read the store (only runs whose index changed) and keep the selection."""
         with self._lock:
             self.catalog.refresh()
+            for text in self.catalog.problems:  # damaged runs: said once, the rest shown
+                if text not in self._reported:
+                    self._reported.add(text)
+                    self.log.message(f"warning: {text}")
             tree = self.catalog.tree()
             self._quiet = True
             try:
@@ -299,6 +312,7 @@ class Browser:
         """The tree and the selection as text (the text/plain fallback)."""
         lines = [f"mmnb history browser: {self.store.path}"]
         lines += [self.catalog.label(n, d) for d, n in self.catalog.tree()] or ["(no runs)"]
+        lines += [f"skipped: {text}" for text in self.catalog.problems]
         lines.append("selected: " + self.meta_text())
         return "\n".join(lines)
 

@@ -9,12 +9,13 @@ Metrics (the newest checkpoint's `metrics` group) are read on first use, once pe
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..store import Run, StepInfo, Store
+from ..store import Run, StepInfo, Store, StoreError
 
 
 @dataclass
@@ -88,21 +89,32 @@ class Catalog:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.entries: dict[str, RunEntry] = {}
+        self.problems: list[str] = []  # runs skipped at the last refresh, and why
 
     def refresh(self) -> None:
-        """Re-read the runs whose index changed; drop runs that are gone."""
+        """Re-read the runs whose index changed; drop runs that are gone. A damaged run is
+        skipped (listed in `problems`); the others are shown."""
         seen = {}
-        for run in self.store.runs():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runs = self.store.runs()
+        problems = [str(w.message) for w in caught]
+        for run in runs:
             try:
                 stamp = _stamp(run)
             except FileNotFoundError:  # removed between listing and stat
                 continue
-            entry = self.entries.get(run.name)
-            if entry is None or entry.stamp != stamp:
-                entry = self._read(run, stamp)
-            entry.status = _status(run, entry.steps)
+            try:
+                entry = self.entries.get(run.name)
+                if entry is None or entry.stamp != stamp:
+                    entry = self._read(run, stamp)
+                entry.status = _status(run, entry.steps)
+            except StoreError as err:
+                problems.append(f"{err}; skipping run {run.name}")
+                continue
             seen[run.name] = entry
         self.entries = seen
+        self.problems = problems
 
     def _read(self, run: Run, stamp: tuple[int, int]) -> RunEntry:
         info = run.info()
