@@ -26,6 +26,9 @@ from .config import (
     resolve,
 )
 from .data import build_dataset, tokenizer_for
+from .events import EventWriter
+from .jobs import recovery
+from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
 from .store import Run, Store, StoreError, check_run_name
@@ -45,7 +48,11 @@ from .validate import (
 Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
-SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+SESSION_FIELDS = (
+    *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
+    *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
+)
 # Stop conditions belong to the session that set them; a resume or branch starts without them.
 _ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
@@ -112,15 +119,18 @@ def train(
         lineage={"init_from": source.lineage} if source is not None else None,
     )
     handle.open_writer()
+    stream = None
     try:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
-    except BaseException:
+    except BaseException as err:
+        if stream is not None:
+            stream.close(err)
         handle.close_writer()
         raise
-    return _launch(handle, trainer, start, background)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _from_weights(
@@ -205,14 +215,14 @@ def resume(
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         if trainer.finished:
             trainer.emit(
                 "notice",
                 text=f"run {handle.name} already finished its plan at step {trainer.step}; "
                 "nothing to train (extend it with more epochs, or branch it)",
             )
-        return _launch(handle, trainer, True, background)
+        return _launch(handle, trainer, True, background, stream)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -275,10 +285,10 @@ def resume(
         {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
     )
     handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
-    _attach(handle, trainer, listeners)
+    stream = _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _launch(handle, trainer, True, background)
+    return _launch(handle, trainer, True, background, stream)
 
 
 def branch(
@@ -370,8 +380,8 @@ def _branch(
         stage=stage,
     )
     handle.open_writer()
-    _attach(handle, trainer, listeners)
-    return _launch(handle, trainer, start, background)
+    stream = _attach(handle, trainer, listeners)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _restore(
@@ -418,7 +428,9 @@ def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], No
     return emit
 
 
-def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:
+    """Connect a trainer to its run: listeners, the saver, and the session's live event stream
+    and control channel (`mmnb.jobs.session`), which the caller closes when training ends."""
     handle.trainer = trainer
     listeners = list(listeners)
     trainer.listeners.extend(listeners)
@@ -437,19 +449,29 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
         return info
 
     trainer.saver = save
+    recovery.install(handle, trainer)
+    return open_session(handle, trainer)
 
 
-def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
-    """Train in this thread, in a background thread, or not at all; the lock is released
-    when training ends however it ends."""
+def _launch(
+    handle: Run, trainer: Trainer, start: bool, background: bool, stream: EventWriter
+) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released and
+    the event stream closed when training ends however it ends."""
 
     def fit() -> None:
+        error = None
         try:
             trainer.fit()
+        except BaseException as err:
+            error = err
+            raise
         finally:
+            stream.close(None if isinstance(error, KeyboardInterrupt) else error)
             handle.close_writer()
 
     if not start:
+        stream.close()
         handle.close_writer()
     elif background:
         handle.start_thread(fit)
