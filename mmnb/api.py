@@ -124,10 +124,12 @@ def _train(
     options: dict[str, Any],
 ) -> Run:
     made: dict[str, Any] = {}  # rank 0's run handle (holding the writer lock) and weights
+    listeners = list(listeners)
 
     def prepare() -> tuple[str, ModelConfig, TrainConfig, str, list[str]]:
         # Rank 0 decides: config, tokenizer (trained once), run name; it creates the run.
         source, notices = None, []
+        prep = _preparation(listeners)
         check_store(store.path, write=True)
         opts = dict(options, world_size=par.world_size)
         if opts.get("init_from"):
@@ -135,11 +137,13 @@ def _train(
         else:
             preset = opts.pop("preset", "tiny")
             model_cfg, train_cfg = resolve(preset, **opts)  # validates both (mmnb.validate)
-            tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+            tokenizer = tokenizer_for(
+                train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+            )
             if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
                 # A given tokenizer decides the vocabulary; the embedding follows it.
                 model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-        dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+        dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
         _check_fits(dataset, train_cfg, par)
         handle = store.create_run(
             run or store.new_name(),
@@ -296,7 +300,11 @@ def _resume(
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
-        trainer = _restore(handle, step, model_cfg, train_cfg, handle.tokenizer_json(), par, stage)
+        listeners = list(listeners)
+        tokenizer_json = handle.tokenizer_json()
+        trainer = _restore(
+            handle, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners
+        )
         _same_everywhere(par, lambda: check_stop_at(train_cfg.stop_at, trainer.step))
     except BaseException:
         handle.close_writer()
@@ -498,7 +506,8 @@ def _branch(
         tokenizer_json = par.decide(read_tokenizer)
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
-    trainer = _restore(parent, step, model_cfg, train_cfg, tokenizer_json, par, stage)
+    listeners = list(listeners)
+    trainer = _restore(parent, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners)
     made: dict[str, Run] = {}
 
     def create() -> str:
@@ -527,15 +536,25 @@ def _restore(
     tokenizer_json: str,
     par: Parallel,
     branch_stage: dict[str, Any] | None = None,
+    listeners: Iterable[Listener] = (),
 ) -> Trainer:
     """A Trainer holding the state of `source`'s checkpoint `step` (newest readable if None).
 
     At a branch point (`branch_stage` given) the inherited checkpoint holds the parent's plan
     and data position; the branch's own follow from its config, deterministically."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    if par.distributed:  # rank 0 tokenises (or finds the cache) first, then the others
-        par.decide(lambda: build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len) and 0)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    prep = _preparation(listeners if par.is_main else ())
+    built: dict[str, Any] = {}
+
+    def first() -> None:  # rank 0 tokenises (or finds the cache) first, then the others
+        built["dataset"] = build_dataset(
+            train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep
+        )
+
+    par.decide(first)
+    dataset = built.get("dataset") or build_dataset(
+        train_cfg.data, tokenizer, train_cfg.max_seq_len
+    )
     trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
     if par.distributed:
         state = _load_agreed(source, step, trainer, par)
@@ -560,6 +579,17 @@ def _restore(
             ),
         )
     return trainer
+
+
+def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
+    """Data preparation's progress as `prepare` events (before the trainer exists)."""
+    listeners = list(listeners)
+
+    def emit(info: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(Event("prepare", 0, dict(info)))
+
+    return emit
 
 
 def _load_agreed(source: Run, step: int | None, trainer: Trainer, par: Parallel) -> dict:

@@ -126,6 +126,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still logged)
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a GradScaler; weights stay fp32)
+    compile: bool = False  # torch.compile the training step (inductor); same checkpoint keys
     tf32: bool = False  # allow TF32 matmuls on CUDA (faster, not bit-compatible with fp32)
     world_size: int = (
         1  # processes the global batch (world_size x batch_size x accum) is planned for
@@ -293,6 +294,7 @@ TRAJECTORY_FIELDS = MODEL_FIELDS + (
     "accum",
     "seed",
     "dtype",
+    "compile",  # compiled kernels round differently from eager ones
     "tf32",
 )
 

@@ -263,39 +263,48 @@ class Parallel:
         return result
 
     # ---- models ----
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the training loop calls: the model itself (one process), a DDP wrapper
-        (replicated weights), or the model sharded in place by FSDP2 (per decoder block and
-        the root). Build the optimizer after this: FSDP2 replaces parameters by DTensors."""
-        if self.mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
+    def wrap(self, model: torch.nn.Module, compile: bool = False, seq_len: int = 0) -> Any:
+        """What the training loop calls: the model (one process), a DDP wrapper (replicated
+        weights), or the model sharded in place by FSDP2 (per decoder block and the root) —
+        each through `torch.compile` with `compile` (`mmnb.speed.compile_model`, whose wrapper
+        shares the model's parameters: state-dict keys do not change). Build the optimizer
+        after this: FSDP2 replaces the parameters by DTensors."""
+        from .speed import compile_model
 
-            # find_unused_parameters=True keeps DDP from re-bucketing after the first step of
-            # a session: the gradient buffer layout (and so the reduction order of ring
-            # all-reduce with 3+ ranks) is then the same at every step of every session, which
-            # exact resume needs. It also tolerates parameters without gradients.
-            return DistributedDataParallel(
-                model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
-            )
         if self.mode == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
-        return model
+            return compile_model(model, seq_len) if compile else model
+        forward = compile_model(model, seq_len) if compile else model
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            # DDP around the compiled module (its parameters are the model's): gradients are
+            # reduced by DDP's hooks on them, compiled or not.
+            # find_unused_parameters=True keeps DDP from re-bucketing after the first step of
+            # a session: the gradient buffer layout (and so the reduction order of ring
+            # all-reduce with 3+ ranks) is then the same at every step of every session, which
+            # exact resume needs. It also tolerates parameters without gradients.
+            return DistributedDataParallel(
+                forward,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
+        return forward
 
     @contextlib.contextmanager
-    def sync_gradients(self, module: torch.nn.Module, sync: bool) -> Iterator[None]:
-        """Gradient reduction only on the last micro-batch of an optimizer step."""
+    def sync_gradients(self, module: Any, model: torch.nn.Module, sync: bool) -> Iterator[None]:
+        """Gradient reduction only on the last micro-batch of an optimizer step (DDP's
+        `no_sync()` on the others; FSDP2's `set_requires_gradient_sync` on `model`)."""
         if self.mode == "ddp" and not sync:
             with module.no_sync():
                 yield
             return
         if self.mode == "fsdp":
-            module.set_requires_gradient_sync(sync)
+            model.set_requires_gradient_sync(sync)
         yield
 
     def grad_norm(self, params: list[torch.Tensor]) -> torch.Tensor:

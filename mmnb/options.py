@@ -51,6 +51,11 @@ RUN_OPTIONS: list[Option] = [
         action=argparse.BooleanOptionalAction,
         help="allow TF32 matmuls on CUDA (off by default: exact fp32)",
     ),
+    _opt(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training step (the first step compiles; same checkpoints)",
+    ),
     _opt("--dropout", type=float, help="dropout probability"),
     _opt("--max-seq-len", type=int, help="tokens per sample"),
     _opt("--vocab-size", type=int, help="vocabulary size of a trained tokenizer"),

@@ -35,6 +35,7 @@ from .dist import Parallel, session_accum
 from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .schedule import Plan
+from .speed import make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 
@@ -235,15 +236,12 @@ class Trainer:
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
         self.param_names = [n for n, _ in self.model.named_parameters()]
-        # What the loop calls: the model, its DDP wrapper, or the model sharded by FSDP2.
-        self.module = par.wrap(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            eps=train_config.eps,
-            weight_decay=train_config.weight_decay,
-        )
+        # What the training step calls: the model itself, or a compiled wrapper around it that
+        # shares its parameters (so state_dict keys are unchanged); distributed, DDP's wrapper
+        # around that, or (FSDP2) the model sharded in place. The optimizer comes after: FSDP2
+        # replaces the parameters by DTensors.
+        self.module = par.wrap(self.model, train_config.compile, train_config.max_seq_len)
+        self.optimizer = make_optimizer(self.model.parameters(), train_config, self.device)
         self.plan = plan_for(train_config, self.steps_per_epoch)
         # Counters: the state at the last optimizer-step boundary.
         self.step = 0  # optimizer steps completed
@@ -287,6 +285,7 @@ class Trainer:
         self.on_batch: Callable[[int, int, np.ndarray], None] | None = None
         self._agreed = _NO_FLAGS  # the stop flags all ranks agreed on at the last boundary
         self._session_start = 0.0
+        self._compiled = False  # a compiled step has run (the compile cost is paid)
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -355,7 +354,13 @@ class Trainer:
                 steps_per_epoch=self.steps_per_epoch,
                 epoch=self.epoch,  # where the session starts, for progress displays
                 epoch_step=self.position // self.samples_per_step,
+                threads=torch.get_num_threads(),  # bitwise resume needs the same count
             )
+            if cfg.compile and not self._compiled:
+                self.emit(
+                    "notice",
+                    text="compiling the model (torch.compile): the first step takes longer",
+                )
             try:
                 while True:
                     reason = self._stop_reason(start)
@@ -368,6 +373,7 @@ class Trainer:
                         self._train_step()
                     except _RolledBack:
                         continue  # from the restored boundary (its own elapsed time)
+                    self._compiled = cfg.compile
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -498,7 +504,7 @@ class Trainer:
             input_ids, labels = self.dataset.batch(indices)
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with par.sync_gradients(module, micro == accum - 1):
+            with par.sync_gradients(module, self.model, micro == accum - 1):
                 with torch.autocast(
                     self.device.type, autocast or torch.float32, enabled=autocast is not None
                 ):
