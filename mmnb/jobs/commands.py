@@ -145,7 +145,15 @@ def from_args(
     parser = parser_for(verb)
     args = argparse.Namespace(**vars(args))
     args.store = str(Path(store.path).resolve())
-    names = run_names(Path(store.path)) | set(taken)
+    existing = run_names(Path(store.path))
+    names = existing | set(taken)
+
+    def free(name: str) -> None:
+        if name in existing:
+            raise ValueError(f"run {name!r} already exists in store {store.path}")
+        if name in taken:
+            raise ValueError(f"run {name!r} is already the run of a queued job")
+
     run: str | None
     if verb == "train":
         if args.name and getattr(args, "run_flag", None) and args.name != args.run_flag:
@@ -153,15 +161,13 @@ def from_args(
         run = args.name or getattr(args, "run_flag", None) or _new_name(names, "run")
         args.name, args.run_flag = run, None
         check_run_name(run)
-        if run in names:
-            raise ValueError(f"run {run!r} already exists in store {store.path} (or is queued)")
+        free(run)
     elif verb == "branch":
         check_run_name(args.name)
         run = args.new_name or _new_name(names, f"{args.name}-b")
         args.new_name = run
         check_run_name(run)
-        if run in names:
-            raise ValueError(f"run {run!r} already exists in store {store.path} (or is queued)")
+        free(run)
     else:
         if args.name is None:
             from ..store import Store, StoreError

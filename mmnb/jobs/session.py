@@ -41,6 +41,6 @@ def open_session(run: Any, trainer: Any) -> EventWriter:
         except ValueError:
             info = None
         if isinstance(info, dict) and isinstance(info.get("text"), str):
-            trainer.emit("recover", **info)
+            trainer.emit("recover", **{k: v for k, v in info.items() if k != "kind"})
             trainer.emit("notice", text=info["text"])
     return writer
