@@ -168,15 +168,16 @@ class JobMagics(Magics):
                 if started:
                     print(started)
                 return
+            if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
+                from IPython.display import display
+
+                from .widgets.queue import QueueTab  # the table, pipelines, Refresh, Cancel
+
+                display(QueueTab(cli_jobs._store(args.store).path))
+                return
             cli_jobs.queue_command(args)
         except user_errors() as err:
             raise _usage(err) from None
-        if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
-            from IPython.display import display
-
-            from .widgets.queue import QueueTab
-
-            display(QueueTab(cli_jobs._store(args.store).path))
 
     # ---- %pipeline ----
     @magic_arguments()

@@ -75,6 +75,20 @@ def running_worker(store: Any) -> launch.ProcessRecord | None:
         os.close(fd)
 
 
+def stop_worker(store: Any, timeout: float = 90.0) -> bool:
+    """Stop the worker of `store` the clean way (SIGTERM: its jobs stop at their next step,
+    checkpointed, and are queued again); False if none runs."""
+    record = running_worker(store)
+    if record is None or not record.pid:
+        return False
+    job = launch.Job(record)
+    if not job.signal(signal.SIGTERM, group=False):
+        return False
+    if job.wait(timeout) is None:
+        job.kill()
+    return True
+
+
 def start_detached(store: Any, idle_exit: float = 60.0, slots: int = 1) -> launch.Job:
     """Start `mmnb worker` for `store` in its own session (what `%queue` does when none runs);
     it exits after `idle_exit` seconds with nothing to do."""
