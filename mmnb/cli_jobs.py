@@ -278,13 +278,13 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
 @command("watch", "live progress of a run trained anywhere (its event stream)", _watch_args)
 def watch_command(args: argparse.Namespace) -> int:
     from .events import progress
-    from .jobs.attach import Attachment
+    from .jobs.attach import Attachment, appeared
     from .jobs.watch import progress_line
     from .progress import ConsoleProgress
 
     store = _store(args.store).full()
     name = args.name or _default_watch(store)
-    run = store.run(name)
+    run = appeared(store, name)  # a job just started may not have created it yet
     if args.once:
         p = progress(run.path)
         print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")

@@ -61,7 +61,11 @@ def test_a_detached_run_outlives_its_kernel_and_attaches_anywhere(tmp_path, micr
             reply, _, _ = execute(kc, "", first=f"{DASH}.step")
             _until(kc, f"{DASH}.step > {value(reply, 'first')}", True, "more live steps")
             _until(kc, f"{DASH}.stop_button.disabled", False, "the Stop button")
-            execute(kc, f"{DASH}.stop_button.click()")  # what a click in the browser does
+            execute(kc, f"{DASH}.checkpoint_button.click()")  # what a click in the browser does
+            _until(kc, f"'checkpoint you requested' in {DASH}.controls_note.value", True,
+                   "the requested checkpoint")  # fmt: skip
+            assert any("requested" in s.reasons for s in store.run("b").steps())
+            execute(kc, f"{DASH}.stop_button.click()")
             _until(kc, f"{DASH}.state", "stop", "the job to stop")
             assert jobs[1].wait(TIMEOUT) == 0
             latest = store.run("b").latest()

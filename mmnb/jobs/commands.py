@@ -178,11 +178,29 @@ def from_args(
                 raise ValueError("give the run to resume (the store has none yet)") from None
         check_run_name(args.name)
         run = args.name
+    _check_values(verb, args)
     argv = to_argv(parser, args)
     session = to_argv(parser, argparse.Namespace(**_only(args, RESUME_DESTS)))
     extends = verb == "resume" and (args.epochs is not None or args.more_epochs is not None)
     nproc = int(getattr(args, "nproc", None) or 1)
     return JobCommand(verb, argv, run, nproc, session, extends=extends, cwd=os.getcwd())
+
+
+def _check_values(verb: str, args: argparse.Namespace) -> None:
+    """The values a job's config will be built from, checked now by the one validator (the
+    flag is named; `mmnb.validate`). A branch's overrides are checked against its parent when
+    it runs: the parent may not exist yet."""
+    from ..config import parse_duration, resolve
+    from ..options import INIT_OPTIONS, RUN_OPTIONS, SESSION_OPTIONS, collect
+
+    values = collect(args, SESSION_OPTIONS)
+    if "time_budget" in values:
+        values["time_budget"] = parse_duration(values["time_budget"])
+    if verb == "train" and getattr(args, "init_from", None) is None:
+        values.update(collect(args, RUN_OPTIONS + INIT_OPTIONS))
+        resolve(values.pop("preset", None) or "tiny", **values)
+    else:
+        resolve("tiny", **values)
 
 
 def run_names(folder: Path) -> set[str]:
