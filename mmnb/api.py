@@ -93,16 +93,20 @@ def train(
     source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
+    listeners = list(listeners)
+    prep = _preparation(listeners)
     if options.get("init_from"):
         source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
     else:
         preset = options.pop("preset", "tiny")
         model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
-        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        tokenizer = tokenizer_for(
+            train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+        )
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
@@ -202,7 +206,10 @@ def resume(
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
         state = handle.load(step)
-        trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
+        listeners = list(listeners)
+        trainer = _restore(
+            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners
+        )
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
@@ -361,7 +368,10 @@ def _branch(
         tokenizer_json = tokenizer.to_json()
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
-    trainer = _restore(parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage)
+    listeners = list(listeners)
+    trainer = _restore(
+        parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage, listeners
+    )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
@@ -381,12 +391,15 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    listeners: Iterable[Listener] = (),
 ) -> Trainer:
     """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
     checkpoint holds the parent's plan and data position; the branch's own follow from its
     config, deterministically."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(
+        train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=_preparation(listeners)
+    )
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     trainer.load_state_dict(state)
     if branch_stage is not None and trainer.step == branch_stage["start"]:
@@ -402,6 +415,17 @@ def _restore(
             "was written; restore it or branch with --data"
         )
     return trainer
+
+
+def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
+    """Data preparation's progress as `prepare` events (before the trainer exists)."""
+    listeners = list(listeners)
+
+    def emit(info: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(Event("prepare", 0, dict(info)))
+
+    return emit
 
 
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:

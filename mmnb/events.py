@@ -70,7 +70,7 @@ STREAM_KINDS = ("open", "heartbeat", "control", "close")
 class Event:
     """What the trainer tells front-ends. It never prints; they render."""
 
-    kind: str  # start | step | epoch | checkpoint | notice | stop | recover (+ stream kinds)
+    kind: str  # prepare | start | step | epoch | checkpoint | notice | stop | recover (+ stream kinds)
     step: int  # optimizer steps completed
     info: dict[str, Any] = field(default_factory=dict)
     time: float | None = None  # Unix time the stream recorded it (None in process)
