@@ -215,7 +215,7 @@ class EventWriter:
         self.errors = 0  # writes that failed (full disk…): progress is lost, training goes on
         if not self.enabled:
             return
-        self._open_file()
+        self._open_file_safely()
         open_info = {"process": self.process.to_dict(), "host": socket.gethostname()}
         open_info.update(meta or {})
         step = progress()[0] if progress else 0
@@ -286,6 +286,9 @@ class EventWriter:
                     self.errors += 1
             if lines:
                 self._append(b"".join(lines))
+            if self._closed and self._fd is not None:  # a late event after the session ended
+                os.close(self._fd)
+                self._fd = None
 
     def _open_file(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -298,6 +301,14 @@ class EventWriter:
                     os.write(fd, b"\n")
                     size += 1
         self._fd, self._size = fd, size
+
+    def _open_file_safely(self) -> None:
+        # A stream that cannot be written (a read-only folder, a symlink where the file should
+        # be) costs the progress, never the training: the error is counted, nothing raised.
+        try:
+            self._open_file()
+        except OSError:
+            self.errors += 1
 
     def _append(self, data: bytes) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmnb
 from mmnb.jobs import commands, recovery
+from mmnb.jobs.attach import Attachment
 from mmnb.jobs.queue import Queue
 
 
@@ -29,3 +30,13 @@ def test_queue_tab_shows_pipelines_and_the_loss_plot_marks_rollbacks(store, micr
     browser.select("a")
     x, _ = browser.plot._artists["recoveries"][1].get_data()
     assert list(x) == [4]  # rolled back from step 7 to the checkpoint of step 4
+
+
+def test_attaching_a_run_without_a_stream_says_how_it_stands(store, micro):
+    run = mmnb.train("a", store=store, max_steps=3, **micro)
+    (run.path / "events.jsonl").unlink()  # a run trained before streams existed
+    seen = []
+    attachment = Attachment(run, seen.append)
+    attachment.replay()
+    assert [(e.kind, e.step, e.info) for e in seen] == [("stop", 3, {"reason": "done"})]
+    assert not attachment.live

@@ -160,6 +160,15 @@ class Attachment:
     def replay(self) -> None:
         """Feed the current session's events (call before `start`)."""
         events = self._follower.poll()
+        if not any(e.kind in ("open", "start") for e in events):
+            # No session in the stream (a run from before streams, or one never trained since):
+            # say how it stands, from the store, so no button offers to stop it.
+            status = self.run.status()
+            if status != "training":
+                latest = self.run.latest()
+                reason = "done" if status == "finished" else "stop"
+                self._feed(Event("stop", latest.step if latest else 0, {"reason": reason}))
+            return
         opens = [i for i, e in enumerate(events) if e.kind == "open"]
         session = events[opens[-1] :] if opens else events
         start: Event | None = None
