@@ -226,6 +226,16 @@ class Attachment:
         self._thread.start()
         return self
 
+    def follow_here(self, timeout: float | None = None) -> bool:
+        """Follow in this thread (a terminal's `mmnb watch`: the listener prints, so no
+        background thread may call it); True if the session ended, False on `timeout`."""
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._closed.set)
+            timer.daemon = True
+            timer.start()
+        self._run()
+        return not self._closed.is_set()
+
     def _run(self) -> None:
         quiet = 0
         while not self._closed.wait(self.interval):

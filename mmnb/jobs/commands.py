@@ -246,5 +246,4 @@ def job_env(job_id: int | str | None = None, recovery: str | None = None) -> dic
         env[JOB_ENV] = str(job_id)
     if recovery is not None:
         env[RECOVERY_ENV] = recovery
-    env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
-    return {k: v for k, v in env.items() if v}
+    return env
