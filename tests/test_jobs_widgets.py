@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import mmnb
 from mmnb.jobs import commands, recovery
 from mmnb.jobs.attach import Attachment
@@ -40,3 +42,30 @@ def test_attaching_a_run_without_a_stream_says_how_it_stands(store, micro):
     attachment.replay()
     assert [(e.kind, e.step, e.info) for e in seen] == [("stop", 3, {"reason": "done"})]
     assert not attachment.live
+
+
+def test_the_queue_tab_attaches_a_running_job_and_stops_it(store, micro):
+    run = mmnb.train("live", store=store, max_steps=100_000, background=True, **micro)
+    try:
+        q = Queue(store)
+        job = q.add(commands.parse("resume", ["live"], store))
+        q.start_attempt(job.id, ["resume", "live"], {"pid": 0, "pgid": 0, "ticks": 0, "boot": ""})
+        tab = mmnb.browse(store).queue
+        tab.refresh()
+        tab.job.value = job.id
+        dashboard = tab.attach()
+        deadline = time.monotonic() + 60
+        while not (dashboard.state == "training" and dashboard.step > 2):
+            assert time.monotonic() < deadline, "no live steps"
+            time.sleep(0.05)
+        assert not dashboard.stop_button.disabled
+        dashboard.stop_button.click()  # through the run's control channel
+        run.wait(60)
+        while dashboard.state != "stop":
+            assert time.monotonic() < deadline, "the dashboard did not see the stop"
+            time.sleep(0.05)
+        assert "stop" in run.latest().reasons
+        tab.close()
+    finally:
+        if run.training:
+            run.stop()
