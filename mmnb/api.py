@@ -27,6 +27,9 @@ from .config import (
     resolve,
 )
 from .data import build_dataset, tokenizer_for
+from .events import EventWriter
+from .jobs import recovery
+from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
 from .store import Run, Store, StoreError, check_run_name
@@ -46,7 +49,11 @@ from .validate import (
 Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
-SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+SESSION_FIELDS = (
+    *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
+    *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
+)
 # Stop conditions belong to the session that set them; a resume or branch starts without them.
 _ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
@@ -119,16 +126,20 @@ def train(
     source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
+    listeners = list(listeners)
+    prep = _preparation(listeners)
     if options.get("init_from"):
         source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
     else:
         preset = options.pop("preset", "tiny")
         model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
-        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        tokenizer = tokenizer_for(
+            train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+        )
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
@@ -141,15 +152,18 @@ def train(
         lineage={"init_from": source.lineage} if source is not None else None,
     )
     handle.open_writer()
+    stream = None
     try:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
-    except BaseException:
+    except BaseException as err:
+        if stream is not None:
+            stream.close(err)
         handle.close_writer()
         raise
-    return _launch(handle, trainer, start, background)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _from_weights(
@@ -227,20 +241,23 @@ def resume(
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
         state = handle.load(step)
-        trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
+        listeners = list(listeners)
+        trainer = _restore(
+            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners
+        )
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         if trainer.finished:
             trainer.emit(
                 "notice",
                 text=f"run {handle.name} already finished its plan at step {trainer.step}; "
                 "nothing to train (extend it with more epochs, or branch it)",
             )
-        return _launch(handle, trainer, True, background)
+        return _launch(handle, trainer, True, background, stream)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -303,10 +320,10 @@ def resume(
         {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
     )
     handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
-    _attach(handle, trainer, listeners)
+    stream = _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _launch(handle, trainer, True, background)
+    return _launch(handle, trainer, True, background, stream)
 
 
 def branch(
@@ -388,7 +405,10 @@ def _branch(
         tokenizer_json = tokenizer.to_json()
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
-    trainer = _restore(parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage)
+    listeners = list(listeners)
+    trainer = _restore(
+        parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage, listeners
+    )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
@@ -397,8 +417,8 @@ def _branch(
         stage=stage,
     )
     handle.open_writer()
-    _attach(handle, trainer, listeners)
-    return _launch(handle, trainer, start, background)
+    stream = _attach(handle, trainer, listeners)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _restore(
@@ -408,12 +428,15 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    listeners: Iterable[Listener] = (),
 ) -> Trainer:
     """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
     checkpoint holds the parent's plan and data position; the branch's own follow from its
     config, deterministically."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(
+        train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=_preparation(listeners)
+    )
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     trainer.load_state_dict(state)
     if branch_stage is not None and trainer.step == branch_stage["start"]:
@@ -431,7 +454,20 @@ def _restore(
     return trainer
 
 
-def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
+    """Data preparation's progress as `prepare` events (before the trainer exists)."""
+    listeners = list(listeners)
+
+    def emit(info: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(Event("prepare", 0, dict(info)))
+
+    return emit
+
+
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:
+    """Connect a trainer to its run: listeners, the saver, and the session's live event stream
+    and control channel (`mmnb.jobs.session`), which the caller closes when training ends."""
     handle.trainer = trainer
     listeners = list(listeners)
     trainer.listeners.extend(listeners)
@@ -450,19 +486,29 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
         return info
 
     trainer.saver = save
+    recovery.install(handle, trainer)
+    return open_session(handle, trainer)
 
 
-def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
-    """Train in this thread, in a background thread, or not at all; the lock is released
-    when training ends however it ends."""
+def _launch(
+    handle: Run, trainer: Trainer, start: bool, background: bool, stream: EventWriter
+) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released and
+    the event stream closed when training ends however it ends."""
 
     def fit() -> None:
+        error = None
         try:
             trainer.fit()
+        except BaseException as err:
+            error = err
+            raise
         finally:
+            stream.close(None if isinstance(error, KeyboardInterrupt) else error)
             handle.close_writer()
 
     if not start:
+        stream.close()
         handle.close_writer()
     elif background:
         handle.start_thread(fit)

@@ -40,6 +40,7 @@ from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
     INIT_OPTIONS,
+    JOB_OPTIONS,
     NAME_OPTIONS,
     NOTEBOOK_OPTIONS,
     RUN_OPTIONS,
@@ -132,6 +133,7 @@ class MmnbMagics(Magics):
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", NOTEBOOK_OPTIONS),
+        ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
     def train(self, line: str) -> Run | None:
@@ -148,6 +150,10 @@ class MmnbMagics(Magics):
         if args.name and args.run_flag and args.name != args.run_flag:
             raise UsageError(f"two run names given: {args.name!r} and {args.run_flag!r}")
         name = args.name or args.run_flag
+        if args.detach:  # a process of its own that outlives this kernel (mmnb.jobmagics)
+            from .jobmagics import detach_from_magic
+
+            return detach_from_magic("train", args, store)
         options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         return self._start(functools.partial(api.train, name, **options), args, store, name)
 
@@ -198,6 +204,7 @@ class MmnbMagics(Magics):
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", BACKGROUND),
+        ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
     def resume(self, line: str) -> Run | None:
@@ -226,6 +233,12 @@ class MmnbMagics(Magics):
                 )
             if args.epochs is not None:
                 overrides["epochs"] = args.epochs
+            if args.detach:
+                from .jobmagics import detach_from_magic
+
+                branch = argparse.Namespace(**vars(args))
+                branch.name, branch.step, branch.new_name = name, step, args.branch
+                return detach_from_magic("branch", branch, store)
             call = functools.partial(api.branch, name, step, args.branch, **overrides, **session)
             return self._start(call, args, store, args.branch)
         if overrides:
@@ -233,6 +246,12 @@ class MmnbMagics(Magics):
             raise UsageError(
                 f"{flag} changes the run's trajectory; add --branch NAME to try it on a new run"
             )
+        if args.detach:
+            from .jobmagics import detach_from_magic
+
+            resumed = argparse.Namespace(**vars(args))
+            resumed.name, resumed.step = name, step
+            return detach_from_magic("resume", resumed, store)
         call = functools.partial(
             api.resume,
             name,
@@ -548,6 +567,9 @@ def load_ipython_extension(ip: Any) -> None:
         return
     magics = MmnbMagics(ip)
     ip.register_magics(magics)
+    from .jobmagics import JobMagics  # %attach, %queue, %pipeline
+
+    ip.register_magics(JobMagics(ip))
     ip.events.register("post_run_cell", magics.report_finished)
     if not ip.custom_exceptions:  # never replace a handler the user installed
         ip.set_custom_exc((KeyboardInterrupt,), _short_tb)
@@ -561,10 +583,16 @@ def unload_ipython_extension(ip: Any) -> None:
     ip.events.unregister("post_run_cell", magics.report_finished)
     if ip.custom_exceptions == (KeyboardInterrupt,) and _is_ours(ip.CustomTB):
         ip.set_custom_exc((), None)
-    for kind, names in magics.magics.items():
-        for name in names:
-            ip.magics_manager.magics[kind].pop(name, None)
-    ip.magics_manager.registry.pop(type(magics).__name__, None)
+    jobs = ip.magics_manager.registry.get("JobMagics")
+    for each in (magics, jobs):
+        if each is None:
+            continue
+        if hasattr(each, "close"):
+            each.close()
+        for kind, names in each.magics.items():
+            for name in names:
+                ip.magics_manager.magics[kind].pop(name, None)
+        ip.magics_manager.registry.pop(type(each).__name__, None)
 
 
 def _short_tb(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:

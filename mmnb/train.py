@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,19 +31,12 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
+from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .schedule import Plan
+from .speed import compile_model, make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
-
-
-@dataclass
-class Event:
-    """What the trainer tells front-ends. It never prints; they render."""
-
-    kind: str  # start | step | epoch | checkpoint | notice | stop
-    step: int  # optimizer steps completed
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,26 +63,40 @@ class Anomaly:
     loss: float  # mean loss over the accumulation window
     grad_norm: float  # total gradient norm before clipping
     lr: float
+    # What `Trainer.spike_check` found wrong with finite values (a loss spike); None when the
+    # loss or gradient norm is non-finite.
+    reason: str | None = None
 
     @property
     def what(self) -> str:
+        if self.reason is not None:
+            return "loss spike"
         return "loss" if not math.isfinite(self.loss) else "gradient norm"
 
     def __str__(self) -> str:
-        value = self.loss if self.what == "loss" else self.grad_norm
-        return (
-            f"non-finite {self.what} ({value}) at step {self.step} (lr {self.lr:.3g}); "
-            "training stopped before the optimizer step"
-        )
+        if self.reason is not None:
+            found = f"{self.reason} at step {self.step}"
+        else:
+            value = self.loss if self.what == "loss" else self.grad_norm
+            found = f"non-finite {self.what} ({value}) at step {self.step}"
+        return f"{found} (lr {self.lr:.3g}); training stopped before the optimizer step"
 
 
 class AnomalyAction:
     STOP = "stop"
     SKIP = "skip"
+    # The policy restored the trainer to an earlier boundary (mmnb.jobs.recovery's rollback):
+    # this step's gradients are dropped and the loop goes on from the restored state.
+    ROLLBACK = "rollback"
+
+
+class _RolledBack(Exception):
+    """Unwinds a refused step to `fit()`'s loop after a rollback policy restored the state."""
 
 
 class NonFiniteError(ArithmeticError):
-    """Training stopped at a non-finite loss or gradient norm (the default anomaly policy)."""
+    """Training stopped at an anomaly (the default policy): a non-finite loss or gradient
+    norm, or a loss spike that `Trainer.spike_check` refused."""
 
     def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
         text = str(anomaly)
@@ -203,13 +210,12 @@ class Trainer:
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
         self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            eps=train_config.eps,
-            weight_decay=train_config.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.model.parameters(), train_config, self.device)
+        # What the training step calls: the model itself, or a compiled wrapper around it that
+        # shares its parameters (so state_dict keys are unchanged).
+        self._forward: Callable[..., Any] = self.model
+        if train_config.compile:
+            self._forward = compile_model(self.model, train_config.max_seq_len)
         self.plan = plan_for(train_config, self.steps_per_epoch)
         # Counters: the state at the last optimizer-step boundary.
         self.step = 0  # optimizer steps completed
@@ -225,6 +231,15 @@ class Trainer:
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
+        # Called with (trainer, loss) for a step with finite values: a reason to refuse it
+        # (a loss spike) or None. Installed by mmnb.jobs.recovery for --spike-factor.
+        self.spike_check: Callable[[Trainer, float], str | None] | None = None
+        # Called at every optimizer-step boundary before the next step: recorded recoveries
+        # are applied there, so a resume or a replay takes the same path (mmnb.jobs.recovery).
+        self.at_boundary: Callable[[Trainer], None] | None = None
+        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
+        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, mmnb.jobs).
+        self.inject_nonfinite: int | None = None
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
@@ -233,6 +248,7 @@ class Trainer:
         self._guard = _InterruptGuard()
         self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
+        self._compiled = False  # a compiled step has run (the compile cost is paid)
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -300,14 +316,26 @@ class Trainer:
                 steps_per_epoch=self.steps_per_epoch,
                 epoch=self.epoch,  # where the session starts, for progress displays
                 epoch_step=self.position // self.samples_per_step,
+                threads=torch.get_num_threads(),  # bitwise resume needs the same count
             )
+            if cfg.compile and not self._compiled:
+                self.emit(
+                    "notice",
+                    text="compiling the model (torch.compile): the first step takes longer",
+                )
             try:
                 while True:
                     reason = self._stop_reason(start)
                     if reason is not None:
                         break
+                    if self.at_boundary is not None:
+                        self.at_boundary(self)
                     t0 = time.perf_counter()
-                    self._train_step()
+                    try:
+                        self._train_step()
+                    except _RolledBack:
+                        continue  # from the restored boundary (its own elapsed time)
+                    self._compiled = cfg.compile
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -405,7 +433,10 @@ class Trainer:
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-                out = model(input_ids, labels, generator=generator)
+                out = self._forward(input_ids, labels, generator=generator)
+            if self.inject_nonfinite == self.step + 1 and micro == 0:
+                self.inject_nonfinite = None
+                out.loss = out.loss * float("nan")
             (out.loss / cfg.accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
@@ -418,6 +449,8 @@ class Trainer:
         apply = True
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
+        elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -449,12 +482,17 @@ class Trainer:
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
-        action = self.on_anomaly(self, anomaly)
+        with self._guard.critical():  # a rollback restores the whole state or nothing
+            action = self.on_anomaly(self, anomaly)
         if action == AnomalyAction.SKIP:
             return False
         self.optimizer.zero_grad(set_to_none=True)
+        if action == AnomalyAction.ROLLBACK:
+            raise _RolledBack
         if action != AnomalyAction.STOP:
-            raise ValueError(f"anomaly policy returned {action!r}; expected 'stop' or 'skip'")
+            raise ValueError(
+                f"anomaly policy returned {action!r}; expected 'stop', 'skip' or 'rollback'"
+            )
         error = NonFiniteError(anomaly, self.saved_step)
         self.emit("stop", reason="anomaly", text=str(error))
         raise error

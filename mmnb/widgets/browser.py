@@ -32,6 +32,7 @@ from .exporter import ExportTab
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
+from .queue import QueueTab
 from .sampler import Sampler
 
 
@@ -102,6 +103,9 @@ class Browser:
                        color="#7f7f7f", alpha=0.7)  # fmt: skip
         self.plot.line("branches", "loss", static=True, linestyle="none", marker="v",
                        markersize=7, color="#9467bd")  # fmt: skip
+        # Automatic recoveries (rollbacks, mmnb.jobs.recovery) where they returned to.
+        self.plot.line("recoveries", "loss", static=True, linestyle="none", marker="X",
+                       markersize=8, color="#ff7f0e")  # fmt: skip
         self.plot.line("at", "loss", linestyle="none", marker="o", markersize=8, color="#d62728")
         self.plot.line("at_lr", "lr", linestyle="none", marker="o", markersize=6, color="#d62728")
 
@@ -109,12 +113,14 @@ class Browser:
         self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
         self.compare = Compare(self.catalog, self.log)
         self.exporter = ExportTab(self.log, self.selection)
+        self.queue = QueueTab(self.store.path, self.log)
         # One (title, view) per tab: another action adds its own line here.
         tabs = [
             ("Sample", self.sampler.view),
             *zip(("Branch", "Extend / resume", "Delete"), self.actions.views, strict=True),
             ("Export", self.exporter.view),
             ("Compare", self.compare.view),
+            ("Queue", self.queue.view),
         ]
         self.tabs = w.Tab(children=[v for _, v in tabs], titles=[t for t, _ in tabs])
         self.jobs_box = w.VBox()
@@ -250,6 +256,9 @@ class Browser:
         ]
         points = [(s, v) for s, v in points if v is not None]
         self.plot.set("branches", [s for s, _ in points], [v for _, v in points])
+        back = [(s, entry.value_at("loss", s)) for s in recovery_steps(entry.run)]
+        back = [(s, v) for s, v in back if v is not None]
+        self.plot.set("recoveries", [s for s, _ in back], [v for _, v in back])
         self._plotted = (entry.name, entry.stamp)
 
     def _meta_html(self, entry: RunEntry, info: StepInfo) -> str:
@@ -305,6 +314,8 @@ class Browser:
             finally:
                 self._quiet = False
             self.compare.update_options()
+            if hasattr(self, "queue"):
+                self.queue.refresh()
             self.status.value = (
                 f"<small>{len(tree)} run{'s' * (len(tree) != 1)} in "
                 f"<code>{html.escape(str(self.store.path))}</code></small>"
@@ -388,6 +399,24 @@ def _values(entry: RunEntry, info: StepInfo) -> tuple[float | None, float | None
     loss = info.loss if info.loss is not None else entry.value_at("loss", step)
     lr = info.lr if info.lr is not None else entry.value_at("lr", step)
     return loss, lr
+
+
+def recovery_steps(run: Run) -> list[int]:
+    """Steps where a recovery continued the run (a rollback's target, a restart's checkpoint),
+    from its recorded history."""
+    try:
+        history = run.info().get("history", [])
+    except Exception:  # a damaged run file: no markers rather than no plot
+        return []
+    return sorted(
+        {
+            e["step"]
+            for e in history
+            if isinstance(e, dict)
+            and e.get("kind") in ("rollback", "restart")
+            and isinstance(e.get("step"), int)
+        }
+    )
 
 
 def _nearest(entry: RunEntry, step: int) -> int:
