@@ -148,6 +148,9 @@ def test_records_from_an_untrusted_store_are_checked():
     assert record.matches() and ProcessRecord.from_dict(record.to_dict()) == record
     rebooted = ProcessRecord.from_dict({**record.to_dict(), "boot": "another-boot"})
     assert not rebooted.matches()
+    # A process of another machine sharing the store is never checked or signalled here.
+    elsewhere = ProcessRecord.from_dict({**record.to_dict(), "host": "another-host"})
+    assert not elsewhere.local and not elsewhere.matches() and not Job.of(elsewhere).alive()
 
 
 def test_tail_reads_a_bounded_window(tmp_path):
