@@ -27,6 +27,9 @@ from .config import (
     resolve,
 )
 from .data import build_dataset, tokenizer_for
+from .events import EventWriter
+from .jobs import recovery
+from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
 from .store import CorruptCheckpoint, Run, Store, StoreError, check_run_name
@@ -46,7 +49,11 @@ from .validate import (
 Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
-SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+SESSION_FIELDS = (
+    *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
+    *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
+)
 # Stop conditions belong to the session that set them; a resume or branch starts without them.
 _ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
@@ -87,16 +94,20 @@ def train(
     source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
+    listeners = list(listeners)
+    prep = _preparation(listeners)
     if options.get("init_from"):
         source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
     else:
         preset = options.pop("preset", "tiny")
         model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
-        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        tokenizer = tokenizer_for(
+            train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+        )
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = _dataset(train_cfg, tokenizer)
+    dataset = _dataset(train_cfg, tokenizer, prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
@@ -110,8 +121,9 @@ def train(
         lineage={"init_from": source.lineage} if source is not None else None,
     )
     handle.open_writer()
+    stream = None
     try:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
@@ -119,10 +131,12 @@ def train(
             # A run that is LoRA or DPO from its start: step 0 (written whole) is its frozen
             # base and its reference; the checkpoints after it refer to it.
             _start_frozen(trainer, store, handle)
-    except BaseException:
+    except BaseException as err:
+        if stream is not None:
+            stream.close(err)
         handle.close_writer()
         raise
-    return _launch(handle, trainer, start, background)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _from_weights(
@@ -198,22 +212,23 @@ def resume(
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
         state = handle.load(step)
+        listeners = list(listeners)
         trainer = _restore(
-            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle
+            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle, listeners
         )
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         if trainer.finished:
             trainer.emit(
                 "notice",
                 text=f"run {handle.name} already finished its plan at step {trainer.step}; "
                 "nothing to train (extend it with more epochs, or branch it)",
             )
-        return _launch(handle, trainer, True, background)
+        return _launch(handle, trainer, True, background, stream)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -276,10 +291,10 @@ def resume(
         {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
     )
     handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
-    _attach(handle, trainer, listeners)
+    stream = _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _launch(handle, trainer, True, background)
+    return _launch(handle, trainer, True, background, stream)
 
 
 def branch(
@@ -359,8 +374,11 @@ def _branch(
         tokenizer_json = tokenizer.to_json()
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
+    listeners = list(listeners)
     state = parent.load(step)
-    trainer = _restore(state, model_cfg, train_cfg, tokenizer_json, device, stage, parent)
+    trainer = _restore(
+        state, model_cfg, train_cfg, tokenizer_json, device, stage, parent, listeners
+    )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
@@ -369,8 +387,8 @@ def _branch(
         stage=stage,
     )
     handle.open_writer()
-    _attach(handle, trainer, listeners)
-    return _launch(handle, trainer, start, background)
+    stream = _attach(handle, trainer, listeners)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _restore(
@@ -381,6 +399,7 @@ def _restore(
     device: str,
     branch_stage: dict[str, Any] | None = None,
     source: Run | None = None,
+    listeners: Iterable[Listener] = (),
 ) -> Trainer:
     """A Trainer holding `state`, a checkpoint listed by run `source`. At a branch point
     (`branch_stage` given) the inherited checkpoint holds the parent's plan and data position;
@@ -389,7 +408,7 @@ def _restore(
     from . import stages
 
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = _dataset(train_cfg, tokenizer)
+    dataset = _dataset(train_cfg, tokenizer, _preparation(listeners))
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     step = int(state["trainer"]["step"])
     owner = source.store.run(source.step_info(step).run)  # who wrote it: a branch inherits
@@ -411,12 +430,14 @@ def _restore(
     return trainer
 
 
-def _dataset(train_cfg: TrainConfig, tokenizer: Tokenizer) -> Any:
-    if train_cfg.objective == "dpo":
+def _dataset(
+    train_cfg: TrainConfig, tokenizer: Tokenizer, progress: Callable[[dict[str, Any]], None]
+) -> Any:
+    if train_cfg.objective == "dpo":  # preference pairs: small, tokenised in one go
         from .preference import build_preference_dataset
 
         return build_preference_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
-    return build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    return build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=progress)
 
 
 def _start_frozen(trainer: Trainer, store: Store, handle: Run) -> None:
@@ -430,9 +451,29 @@ def _start_frozen(trainer: Trainer, store: Store, handle: Run) -> None:
         stages.install_reference(trainer, store, ref)
 
 
-def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
+    """Data preparation's progress as `prepare` events (before the trainer exists)."""
+    listeners = list(listeners)
+
+    def emit(info: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(Event("prepare", 0, dict(info)))
+
+    return emit
+
+
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:
+    """Connect a trainer to its run: listeners, the saver, and the session's live event stream
+    and control channel (`mmnb.jobs.session`), which the caller closes when training ends."""
     handle.trainer = trainer
+    listeners = list(listeners)
     trainer.listeners.extend(listeners)
+    for listener in listeners:
+        # A listener with controls (a dashboard's Stop button) gets the live handle before
+        # training starts: a blocking run returns it only when training is over.
+        attach = getattr(listener, "attach", None)
+        if callable(attach):
+            attach(handle)
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
@@ -442,19 +483,29 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
         return info
 
     trainer.saver = save
+    recovery.install(handle, trainer)
+    return open_session(handle, trainer)
 
 
-def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
-    """Train in this thread, in a background thread, or not at all; the lock is released
-    when training ends however it ends."""
+def _launch(
+    handle: Run, trainer: Trainer, start: bool, background: bool, stream: EventWriter
+) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released and
+    the event stream closed when training ends however it ends."""
 
     def fit() -> None:
+        error = None
         try:
             trainer.fit()
+        except BaseException as err:
+            error = err
+            raise
         finally:
+            stream.close(None if isinstance(error, KeyboardInterrupt) else error)
             handle.close_writer()
 
     if not start:
+        stream.close()
         handle.close_writer()
     elif background:
         handle.start_thread(fit)

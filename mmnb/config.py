@@ -98,6 +98,7 @@ MOE_ROUTERS = ("minimind3", "minimind2")
 OBJECTIVES = ("lm", "dpo")
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
+ANOMALY_POLICIES = ("stop", "rollback")
 
 
 @dataclass
@@ -126,6 +127,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still logged)
     dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
+    compile: bool = False  # torch.compile the training step (inductor); same checkpoint keys
     seed: int = 1337  # the one seed: init, data order and dropout all derive from it
     log_every: int = 1  # optimizer steps between progress events (front-ends throttle redraws)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the automatic ones
@@ -139,6 +141,11 @@ class TrainConfig:
     lora_targets: str = "q_proj,o_proj"  # linear layers to adapt (MiniMind: its square ones)
     objective: str = "lm"  # lm (next-token loss) | dpo (preference pairs vs a frozen reference)
     dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    # What a refused step (non-finite loss or grad norm, or a spike) leads to (mmnb.jobs.recovery).
+    on_anomaly: str = "stop"  # stop (checkpoint the last good step) | rollback
+    spike_factor: float = 0.0  # refuse a step whose loss is over F x the running mean; 0 = off
+    max_rollbacks: int = 3  # rollback: stop instead after this many rollbacks in the run
+    rollback_lr_scale: float = 1.0  # rollback: multiply the planned lr by this at each rollback
 
     def validate(self) -> None:
         """Raise `InvalidInput` naming the first bad field (see `mmnb.validate`)."""
@@ -170,6 +177,15 @@ class TrainConfig:
             positive("lora_alpha", self.lora_alpha)
         one_of("objective", self.objective, OBJECTIVES)
         positive("dpo_beta", self.dpo_beta)
+        one_of("on_anomaly", self.on_anomaly, ANOMALY_POLICIES)
+        non_negative("spike_factor", self.spike_factor)
+        if self.spike_factor and not self.spike_factor > 1.0:
+            raise InvalidInput(
+                f"{{0}} must be above 1 (or 0: off), got {self.spike_factor}", "spike_factor"
+            )
+        non_negative("max_rollbacks", self.max_rollbacks)
+        positive("rollback_lr_scale", self.rollback_lr_scale)
+        in_range("rollback_lr_scale", self.rollback_lr_scale, 0.0, 1.0)
 
 
 # Presets: model fields, plus the training defaults that suit that size.
@@ -286,6 +302,7 @@ TRAJECTORY_FIELDS = MODEL_FIELDS + (
     "accum",
     "seed",
     "dtype",
+    "compile",  # compiled kernels round differently from eager ones
 )
 
 

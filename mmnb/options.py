@@ -44,6 +44,11 @@ RUN_OPTIONS: list[Option] = [
     _opt(
         "--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"
     ),
+    _opt(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training step (the first step compiles; same checkpoints)",
+    ),
     _opt("--dropout", type=float, help="dropout probability"),
     _opt("--max-seq-len", type=int, help="tokens per sample"),
     _opt("--vocab-size", type=int, help="vocabulary size of a trained tokenizer"),
@@ -83,6 +88,15 @@ SESSION_OPTIONS: list[Option] = [
     _opt("--keep-last", type=int, help="retention: keep the newest N checkpoints"),
     _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
     _opt("--log-every", type=int, help="steps between progress updates"),
+    _opt(
+        "--on-anomaly",
+        choices=["stop", "rollback"],
+        help="on a non-finite loss/grad norm or a spike: stop (default) or roll back to the "
+        "newest good checkpoint, skipping the data since",
+    ),
+    _opt("--spike-factor", type=float, help="a loss over F x its running mean is an anomaly"),
+    _opt("--max-rollbacks", type=int, help="rollback: stop after this many (default 3)"),
+    _opt("--rollback-lr-scale", type=float, help="rollback: multiply the lr by this each time"),
 ]
 
 COMMON_OPTIONS: list[Option] = [
@@ -105,8 +119,25 @@ SAMPLE_OPTIONS: list[Option] = [
 ]
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
+# Train in a process of its own that outlives this kernel or terminal (mmnb.jobs.detach).
+JOB_OPTIONS: list[Option] = [
+    _opt(
+        "--detach",
+        action="store_true",
+        default=False,
+        help="train in a detached process that outlives this kernel/terminal "
+        "(follow it with %%attach RUN or mmnb watch RUN)",
+    ),
+]
+
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS
+    + RUN_OPTIONS
+    + INIT_OPTIONS
+    + SESSION_OPTIONS
+    + COMMON_OPTIONS
+    + SAMPLE_OPTIONS
+    + JOB_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.

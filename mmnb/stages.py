@@ -61,8 +61,6 @@ def load(
         if trainer.lora and "base" in recorded:
             trainer.load_base(frozen.resolve(store, recorded["base"]))
         elif trainer.lora:  # the first checkpoint of a LoRA run holds its base itself
-            trainer.load_base({k: v for k, v in state["model"].items() if lora.MARK not in k})
-            state = {**state, "model": {k: v for k, v in state["model"].items() if lora.MARK in k}}
             recorded["base"] = frozen.reference(owner, step)
         trainer.load_state_dict(state)
         trainer.frozen = {k: v for k, v in recorded.items() if k == "base" and trainer.lora}

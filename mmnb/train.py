@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,21 +32,14 @@ import torch
 from . import lora
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
+from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .objective import objective_for
 from .schedule import Plan
+from .speed import compile_model, make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 LORA_STREAM = 0x10A  # the random stream LoRA's A matrices are drawn from: (seed, LORA_STREAM)
-
-
-@dataclass
-class Event:
-    """What the trainer tells front-ends. It never prints; they render."""
-
-    kind: str  # start | step | epoch | checkpoint | notice | stop
-    step: int  # optimizer steps completed
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -73,26 +66,40 @@ class Anomaly:
     loss: float  # mean loss over the accumulation window
     grad_norm: float  # total gradient norm before clipping
     lr: float
+    # What `Trainer.spike_check` found wrong with finite values (a loss spike); None when the
+    # loss or gradient norm is non-finite.
+    reason: str | None = None
 
     @property
     def what(self) -> str:
+        if self.reason is not None:
+            return "loss spike"
         return "loss" if not math.isfinite(self.loss) else "gradient norm"
 
     def __str__(self) -> str:
-        value = self.loss if self.what == "loss" else self.grad_norm
-        return (
-            f"non-finite {self.what} ({value}) at step {self.step} (lr {self.lr:.3g}); "
-            "training stopped before the optimizer step"
-        )
+        if self.reason is not None:
+            found = f"{self.reason} at step {self.step}"
+        else:
+            value = self.loss if self.what == "loss" else self.grad_norm
+            found = f"non-finite {self.what} ({value}) at step {self.step}"
+        return f"{found} (lr {self.lr:.3g}); training stopped before the optimizer step"
 
 
 class AnomalyAction:
     STOP = "stop"
     SKIP = "skip"
+    # The policy restored the trainer to an earlier boundary (mmnb.jobs.recovery's rollback):
+    # this step's gradients are dropped and the loop goes on from the restored state.
+    ROLLBACK = "rollback"
+
+
+class _RolledBack(Exception):
+    """Unwinds a refused step to `fit()`'s loop after a rollback policy restored the state."""
 
 
 class NonFiniteError(ArithmeticError):
-    """Training stopped at a non-finite loss or gradient norm (the default anomaly policy)."""
+    """Training stopped at an anomaly (the default policy): a non-finite loss or gradient
+    norm, or a loss spike that `Trainer.spike_check` refused."""
 
     def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
         text = str(anomaly)
@@ -112,7 +119,9 @@ class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -218,13 +227,12 @@ class Trainer:
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in trainable]
-        self.optimizer = torch.optim.AdamW(
-            [p for _, p in trainable],
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            eps=train_config.eps,
-            weight_decay=train_config.weight_decay,
-        )
+        self.optimizer = make_optimizer([p for _, p in trainable], train_config, self.device)
+        # What the training step calls: the model itself, or a compiled wrapper around it that
+        # shares its parameters (so state_dict keys are unchanged).
+        self._forward: Callable[..., Any] = self.model
+        if train_config.compile:
+            self._forward = compile_model(self.model, train_config.max_seq_len)
         self.plan = plan_for(train_config, self.steps_per_epoch)
         # Counters: the state at the last optimizer-step boundary.
         self.step = 0  # optimizer steps completed
@@ -240,13 +248,24 @@ class Trainer:
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
+        # Called with (trainer, loss) for a step with finite values: a reason to refuse it
+        # (a loss spike) or None. Installed by mmnb.jobs.recovery for --spike-factor.
+        self.spike_check: Callable[[Trainer, float], str | None] | None = None
+        # Called at every optimizer-step boundary before the next step: recorded recoveries
+        # are applied there, so a resume or a replay takes the same path (mmnb.jobs.recovery).
+        self.at_boundary: Callable[[Trainer], None] | None = None
+        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
+        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, mmnb.jobs).
+        self.inject_nonfinite: int | None = None
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
+        self._compiled = False  # a compiled step has run (the compile cost is paid)
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -271,6 +290,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -288,8 +308,14 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False
@@ -307,14 +333,26 @@ class Trainer:
                 steps_per_epoch=self.steps_per_epoch,
                 epoch=self.epoch,  # where the session starts, for progress displays
                 epoch_step=self.position // self.samples_per_step,
+                threads=torch.get_num_threads(),  # bitwise resume needs the same count
             )
+            if cfg.compile and not self._compiled:
+                self.emit(
+                    "notice",
+                    text="compiling the model (torch.compile): the first step takes longer",
+                )
             try:
                 while True:
                     reason = self._stop_reason(start)
                     if reason is not None:
                         break
+                    if self.at_boundary is not None:
+                        self.at_boundary(self)
                     t0 = time.perf_counter()
-                    self._train_step()
+                    try:
+                        self._train_step()
+                    except _RolledBack:
+                        continue  # from the restored boundary (its own elapsed time)
+                    self._compiled = cfg.compile
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -413,7 +451,10 @@ class Trainer:
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-                loss, extras = self.objective(model, input_ids, labels, generator)
+                loss, extras = self.objective(self._forward, input_ids, labels, generator)
+            if self.inject_nonfinite == self.step + 1 and micro == 0:
+                self.inject_nonfinite = None
+                loss = loss * float("nan")
             (loss / cfg.accum).backward()
             loss_sum += loss.detach()
             for name, value in extras.items():
@@ -428,6 +469,8 @@ class Trainer:
         apply = True
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
+        elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -462,12 +505,17 @@ class Trainer:
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
-        action = self.on_anomaly(self, anomaly)
+        with self._guard.critical():  # a rollback restores the whole state or nothing
+            action = self.on_anomaly(self, anomaly)
         if action == AnomalyAction.SKIP:
             return False
         self.optimizer.zero_grad(set_to_none=True)
+        if action == AnomalyAction.ROLLBACK:
+            raise _RolledBack
         if action != AnomalyAction.STOP:
-            raise ValueError(f"anomaly policy returned {action!r}; expected 'stop' or 'skip'")
+            raise ValueError(
+                f"anomaly policy returned {action!r}; expected 'stop', 'skip' or 'rollback'"
+            )
         error = NonFiniteError(anomaly, self.saved_step)
         self.emit("stop", reason="anomaly", text=str(error))
         raise error
@@ -549,11 +597,17 @@ class Trainer:
                 tensor.copy_(weights[name])
 
     def load_state_dict(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
-        if self.lora:  # adapters only; the base came through load_base
-            self._load_weights(sd["model"], lora.adapter_state(self.model))
+        if self.lora:  # the adapters; the base came through load_base
+            weights = sd["model"]
+            if any(lora.MARK not in k for k in weights):  # a LoRA run's first: its base too
+                self.load_base({k: v for k, v in weights.items() if lora.MARK not in k})
+            adapters = {k: v for k, v in weights.items() if lora.MARK in k}
+            self._load_weights(adapters, lora.adapter_state(self.model))
         else:
             self.model.load_state_dict(sd["model"])
-        self.frozen = dict(sd.get("frozen", {}))
+        # References the checkpoint records; those it does not (a LoRA run's first checkpoint
+        # is its own base) stay as they are.
+        self.frozen = {**self.frozen, **sd.get("frozen", {})}
         names = self.param_names
         index = {n: i for i, n in enumerate(names)}
         optim = sd["optim"]

@@ -1,10 +1,48 @@
-"""The HDF5 run store: immutable per-step checkpoint files behind an atomically replaced index."""
+"""The HDF5 run store: immutable per-step checkpoint files behind an atomically replaced index.
 
-from .confine import check_run_name
-from .errors import CorruptCheckpoint, StoreError, StoreWriteError
-from .h5state import ChecksumError, read_tree, write_tree
-from .run import Run, StepInfo
-from .store import Store, default_store_path
+Names are imported on first use (PEP 562): `mmnb.store.confine` and `mmnb.store.errors` are
+read by front-ends that must answer fast (`mmnb queue ls`) without loading h5py and torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .confine import check_run_name
+    from .errors import CorruptCheckpoint, StoreError, StoreWriteError
+    from .h5state import ChecksumError, read_tree, write_tree
+    from .run import Run, StepInfo
+    from .store import Store, default_store_path
+
+_LAZY = {
+    "check_run_name": ".confine",
+    "CorruptCheckpoint": ".errors",
+    "StoreError": ".errors",
+    "StoreWriteError": ".errors",
+    "ChecksumError": ".h5state",
+    "read_tree": ".h5state",
+    "write_tree": ".h5state",
+    "Run": ".run",
+    "StepInfo": ".run",
+    "Store": ".store",
+    "default_store_path": ".store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mmnb.store' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "ChecksumError",

@@ -113,6 +113,19 @@ class Run:
     def __repr__(self) -> str:
         return f"<mmnb.Run {self.name!r} at {self.path}>"
 
+    # One line in a notebook (Out[n]) instead of the raw repr; the words live in describe.py.
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        from ..describe import run_line
+
+        printer.text(run_line(self))
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from ..describe import run_line
+
+        return f"<code>{escape(run_line(self))}</code>"
+
     @property
     def run_file(self) -> Path:
         return self.path / RUN_FILE

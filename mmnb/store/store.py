@@ -21,6 +21,12 @@ from .run import (
     write_run_file,
 )
 
+# Files of the store's own with names a run could have: the job queue (mmnb.jobs.queue) and
+# the worker's lock. Never listed as runs.
+STORE_FILES = frozenset(
+    {"queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm", "queue.sqlite-journal", "worker.lock"}
+)
+
 
 def default_store_path() -> Path:
     return Path(os.environ.get("MMNB_STORE") or "mmnb-runs")
@@ -43,8 +49,8 @@ class Store:
             return []
         runs = []
         for entry in sorted(self.path.iterdir()):
-            if not confine.RUN_NAME.match(entry.name):
-                continue  # the store's own files (.lock, temporary folders), not runs
+            if not confine.RUN_NAME.match(entry.name) or entry.name in STORE_FILES:
+                continue  # the store's own files (.lock, temporary folders, queue), not runs
             try:
                 if confine.real_dir(entry, "run folder") and confine.regular_file(
                     entry / RUN_FILE, "run file"
