@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -69,6 +70,34 @@ def _store(store: Store | str | None) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
 
+def _with_progress(
+    listeners: Iterable[Listener], progress: bool | None, background: bool
+) -> list[Listener]:
+    """`listeners`, plus a console progress bar (tqdm on stderr) when `progress` is True, or
+    when it is None (the default), nobody else listens, training blocks and a person is
+    watching: stderr is a terminal or Python runs interactively. `progress=False` turns it off."""
+    listeners = list(listeners)
+    if progress is None:
+        ipython = sys.modules.get("IPython")  # already imported by a shell; never imported here
+        shell = ipython.get_ipython() if ipython is not None else None
+        interactive = (
+            hasattr(sys, "ps1") or sys.flags.interactive or _is_tty(sys.stderr) or shell is not None
+        )
+        progress = not listeners and not background and bool(interactive)
+    if progress:
+        from .progress import ConsoleProgress  # a front-end, imported only when asked for
+
+        listeners.append(ConsoleProgress())
+    return listeners
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _normalise(options: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in options.items() if v is not None}
     if "time_budget" in options:
@@ -85,6 +114,7 @@ def train(
     shard: bool = False,
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Start a new run named `run` (auto-named when None) and train it.
@@ -92,10 +122,13 @@ def train(
     `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
+    A tqdm bar shows progress when a person watches (a terminal, an interactive session or a
+    notebook) and no other listener is given; `progress=False` turns it off, True forces it.
     `device="auto"` picks CUDA, then MPS, then CPU. Under torchrun every rank calls this
     (`mmnb.dist`, docs/distributed.md): DDP, or FSDP2 with `shard=True`.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if run is not None:
         check_run_name(run)
     options = _normalise(options)
@@ -118,13 +151,12 @@ def _train(
     par: Parallel,
     store: Store,
     run: str | None,
-    listeners: Iterable[Listener],
+    listeners: list[Listener],
     start: bool,
     background: bool,
     options: dict[str, Any],
 ) -> Run:
     made: dict[str, Any] = {}  # rank 0's run handle (holding the writer lock) and weights
-    listeners = list(listeners)
 
     def prepare() -> tuple[str, ModelConfig, TrainConfig, str, list[str]]:
         # Rank 0 decides: config, tokenizer (trained once), run name; it creates the run.
@@ -143,7 +175,8 @@ def _train(
             if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
                 # A given tokenizer decides the vocabulary; the embedding follows it.
                 model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-        dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
+        _check_parallel(train_cfg, par)
+        dataset = _dataset(train_cfg, tokenizer, prep)
         _check_fits(dataset, train_cfg, par)
         handle = store.create_run(
             run or store.new_name(),
@@ -152,7 +185,7 @@ def _train(
             lineage={"init_from": source.lineage} if source is not None else None,
         )
         handle.open_writer()
-        made.update(run=handle, source=source)
+        made.update(run=handle, source=source, dataset=dataset)
         return handle.name, model_cfg, train_cfg, tokenizer.to_json(), notices
 
     name, model_cfg, train_cfg, tokenizer_json, notices = par.decide(prepare)
@@ -161,19 +194,24 @@ def _train(
     try:
         if made.get("source") is None and train_cfg.init_from:
             made["source"] = _from_weights(store, dict(options))[0]  # every rank reads them
-        dataset = build_dataset(
-            train_cfg.data, Tokenizer.from_json(tokenizer_json), train_cfg.max_seq_len
+        dataset = made.get("dataset") or _dataset(
+            train_cfg, Tokenizer.from_json(tokenizer_json), _preparation(())
         )
         trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
         source = made.get("source")
         if source is not None:
             with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 weights
                 for key, tensor in trainer.model.state_dict().items():
-                    tensor.copy_(_shard_of(tensor, source.state[key]))
+                    if ".lora." not in key:  # LoRA adapters start as drawn: B = 0
+                        tensor.copy_(_shard_of(tensor, source.state[key]))
         stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
+        if trainer.lora or train_cfg.objective == "dpo":
+            # A run that is LoRA or DPO from its start: step 0 (written whole) is its frozen
+            # base and its reference; the checkpoints after it refer to it.
+            _start_frozen(trainer, store, handle)
     except BaseException as err:
         if stream is not None:
             stream.close(err)
@@ -223,6 +261,7 @@ def resume(
     device: str = "auto",
     shard: bool = False,
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Continue `run` (the newest run when None) from the store alone.
@@ -235,6 +274,7 @@ def resume(
     size than the run's, the global batch is kept by dividing its micro-batches anew.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     options = _normalise(options)
@@ -404,6 +444,7 @@ def branch(
     shard: bool = False,
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> Run:
     """A new run whose parent is (`run`, `step`), sharing the parent's history up to `step`.
@@ -413,6 +454,7 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     overrides = {MODEL_ALIASES.get(k, k): v for k, v in _normalise(overrides).items()}
@@ -454,6 +496,7 @@ def branch(
             new_train = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
             check_config(new_model, new_train)  # the same validator as train's
             check_stop_at(new_train.stop_at, at)
+            _check_parallel(new_train, par)
             session_accum(
                 new_train.world_size, new_train.batch_size, new_train.accum, par.world_size
             )
@@ -541,26 +584,32 @@ def _restore(
     """A Trainer holding the state of `source`'s checkpoint `step` (newest readable if None).
 
     At a branch point (`branch_stage` given) the inherited checkpoint holds the parent's plan
-    and data position; the branch's own follow from its config, deterministically."""
+    and data position; the branch's own follow from its config, deterministically. LoRA and
+    DPO stages get their frozen weights through `mmnb.stages`. Distributed, every rank loads
+    the same checkpoint and reads only what it holds (`_load_agreed`)."""
+    from . import stages
+
     tokenizer = Tokenizer.from_json(tokenizer_json)
     prep = _preparation(listeners if par.is_main else ())
     built: dict[str, Any] = {}
 
     def first() -> None:  # rank 0 tokenises (or finds the cache) first, then the others
-        built["dataset"] = build_dataset(
-            train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep
-        )
+        built["dataset"] = _dataset(train_cfg, tokenizer, prep)
 
     par.decide(first)
-    dataset = built.get("dataset") or build_dataset(
-        train_cfg.data, tokenizer, train_cfg.max_seq_len
-    )
+    dataset = built.get("dataset") or _dataset(train_cfg, tokenizer, _preparation(()))
     trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
-    if par.distributed:
-        state = _load_agreed(source, step, trainer, par)
+    target = step if step is not None else par.decide(lambda: _newest_step(source))
+    owner = source.store.run(source.step_info(target).run)  # who wrote it: a branch inherits
+    _, old = config_from_dict(owner.config_dict())
+    staged = any(c.lora_rank or c.objective == "dpo" for c in (old, train_cfg))
+    if par.distributed and not staged:
+        state = _load_agreed(source, step, trainer, par)  # the rows this rank holds
     else:
-        state = source.load(step)
-        trainer.load_state_dict(state)
+        state = source.load(step)  # newest readable (a corrupt one is skipped, with a warning)
+        at = int(state["trainer"]["step"])
+        at_branch = branch_stage is not None and at == branch_stage["start"]
+        stages.load(trainer, state, source.store, owner, old, at_branch)
     if branch_stage is not None and trainer.step == branch_stage["start"]:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
@@ -579,6 +628,34 @@ def _restore(
             ),
         )
     return trainer
+
+
+def _newest_step(run: Run) -> int:
+    latest = run.latest()
+    if latest is None:
+        raise StoreError(f"run {run.name!r} has no checkpoint")
+    return latest.step
+
+
+def _dataset(
+    train_cfg: TrainConfig, tokenizer: Tokenizer, progress: Callable[[dict[str, Any]], None]
+) -> Any:
+    if train_cfg.objective == "dpo":  # preference pairs: small, tokenised in one go
+        from .preference import build_preference_dataset
+
+        return build_preference_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    return build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=progress)
+
+
+def _start_frozen(trainer: Trainer, store: Store, handle: Run) -> None:
+    from . import frozen, stages
+
+    ref = frozen.reference(handle, trainer.step)
+    if trainer.lora:
+        trainer.frozen["base"] = ref
+    if trainer.config.objective == "dpo":
+        trainer.frozen["reference"] = ref
+        stages.install_reference(trainer, store, ref)
 
 
 def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
@@ -655,6 +732,14 @@ def _restarted_run(store: Store, name: str | None, par: Parallel) -> str | None:
             if entry.get("session", {}).get("job") == par.job:
                 return r.name
     return None
+
+
+def _check_parallel(train_cfg: TrainConfig, par: Parallel) -> None:
+    """What sharded (FSDP2) training does not do yet, said before anything starts."""
+    if par.mode == "fsdp" and (train_cfg.lora_rank or train_cfg.objective == "dpo"):
+        raise ValueError(
+            "--shard (FSDP2) does not train LoRA or DPO stages yet; use DDP (no --shard)"
+        )
 
 
 def _no_background(par: Parallel, background: bool) -> None:
@@ -762,14 +847,17 @@ def _launch(
 
 def load_model(run: Run, step: int | None = None) -> tuple[MiniMind, Tokenizer]:
     """The model (eval mode) and tokenizer of a checkpoint, reading only the weights."""
-    model_cfg, _ = config_from_dict(run.config_dict())
-    state = run.load(step, groups=("model",))
-    with torch.device("meta"):
-        model = MiniMind(model_cfg)
-    model.load_state_dict(state["model"], assign=True)
-    model.lm_head.weight = model.model.embed_tokens.weight  # assign=True unties; tie again
-    model.eval()
-    return model, Tokenizer.from_json(run.tokenizer_json())
+    from .frozen import build_model  # a LoRA checkpoint: its adapters on its frozen base
+
+    tokenizer = Tokenizer.from_json(run.tokenizer_json())
+    if step is not None:
+        return build_model(run, step), tokenizer
+    for info in reversed(run.steps()):  # the newest readable checkpoint, as Run.load does
+        try:
+            return build_model(run, info.step), tokenizer
+        except CorruptCheckpoint as err:
+            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+    raise StoreError(f"run {run.name!r} has no readable checkpoint")
 
 
 def generate(

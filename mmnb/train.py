@@ -29,15 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import lora
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
 from .dist import Parallel, session_accum
 from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
+from .objective import objective_for
 from .schedule import Plan
 from .speed import make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
+LORA_STREAM = 0x10A  # the random stream LoRA's A matrices are drawn from: (seed, LORA_STREAM)
 
 
 @dataclass
@@ -234,14 +237,28 @@ class Trainer:
                 f"{par.world_size} x batch_size {train_config.batch_size} x accum {self.accum})"
             )
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
+        # A LoRA stage trains adapters only (mmnb.lora); its base weights come from `load_base`.
+        self.lora = train_config.lora_rank > 0
+        if self.lora:
+            rank = train_config.lora_rank
+            alpha = train_config.lora_alpha or rank
+            targets = lora.targets_of(train_config.lora_targets)
+            seed = _mix_seed(train_config.seed, LORA_STREAM, 0)  # 3 keys: never a dropout stream
+            lora.apply(self.model, rank, alpha, targets, seed)
+        self.objective = objective_for(train_config.objective, train_config.dpo_beta)
+        self.metric_names = METRIC_NAMES + self.objective.metrics
+        # References to the frozen weights this stage uses (LoRA base, DPO reference), as
+        # `mmnb.frozen` writes them; checkpointed so a resume finds the same weights.
+        self.frozen: dict[str, Any] = {}
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
-        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # What the training step calls: the model itself, or a compiled wrapper around it that
         # shares its parameters (so state_dict keys are unchanged); distributed, DDP's wrapper
         # around that, or (FSDP2) the model sharded in place. The optimizer comes after: FSDP2
         # replaces the parameters by DTensors.
         self.module = par.wrap(self.model, train_config.compile, train_config.max_seq_len)
-        self.optimizer = make_optimizer(self.model.parameters(), train_config, self.device)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(trainable, train_config, self.device)
         self.plan = plan_for(train_config, self.steps_per_epoch)
         # Counters: the state at the last optimizer-step boundary.
         self.step = 0  # optimizer steps completed
@@ -249,7 +266,7 @@ class Trainer:
         self.position = 0  # global sample index into this epoch's order
         self.tokens = 0  # tokens fed to the model
         self.elapsed = 0.0  # seconds spent training, summed over sessions
-        self.metrics: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+        self.metrics: dict[str, list[float]] = {name: [] for name in self.metric_names}
         self.listeners: list[Callable[[Event], None]] = []
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
@@ -486,6 +503,7 @@ class Trainer:
         module.train()
         order = self.epoch_indices(self.epoch)
         loss_sum = torch.zeros((), device=self.device)
+        extra_sums = {name: torch.zeros((), device=self.device) for name in self.objective.metrics}
         tokens = 0
         batch, accum = cfg.batch_size, self.accum
         autocast = self._autocast
@@ -508,17 +526,26 @@ class Trainer:
                 with torch.autocast(
                     self.device.type, autocast or torch.float32, enabled=autocast is not None
                 ):
-                    out = module(input_ids, labels, generator=generator)
+                    loss, extras = self.objective(module, input_ids, labels, generator)
                 if self.inject_nonfinite == self.step + 1 and micro == 0:
                     self.inject_nonfinite = None
-                    out.loss = out.loss * float("nan")
-                self.scaler.scale(out.loss / accum).backward()
-            loss_sum += out.loss.detach()
+                    loss = loss * float("nan")
+                self.scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+            for name, value in extras.items():
+                extra_sums[name] += value
             tokens += input_ids.numel()
+        names = list(extra_sums)
         if par.distributed:
-            # One all-reduce per step: the loss and tokens of every rank, and the stop flags.
+            # One all-reduce per step: the loss, tokens and objective metrics of every rank,
+            # and the stop flags.
             stats = torch.tensor(
-                [loss_sum.item(), float(tokens), *self._local_flags()],
+                [
+                    loss_sum.item(),
+                    float(tokens),
+                    *(extra_sums[n].item() for n in names),
+                    *self._local_flags(),
+                ],
                 dtype=torch.float64,
                 device=self.device,
             )
@@ -526,11 +553,15 @@ class Trainer:
             stats = stats.tolist()
             # The sum in float32, as one process accumulating every micro-batch would have it.
             total = torch.tensor(stats[0], dtype=torch.float32)
-            loss = (total / (par.world_size * accum)).item()
+            micro_batches = par.world_size * accum
+            loss = (total / micro_batches).item()
             tokens = int(stats[1])
-            self._agreed = {name: value > 0 for name, value in zip(_FLAGS, stats[2:], strict=True)}
+            extra_means = [x / micro_batches for x in stats[2 : 2 + len(names)]]
+            flags = stats[2 + len(names) :]
+            self._agreed = {name: value > 0 for name, value in zip(_FLAGS, flags, strict=True)}
         else:
             loss = (loss_sum / accum).item()
+            extra_means = [(extra_sums[n] / accum).item() for n in names]
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.scaler.unscale_(self.optimizer)  # (no-op unless fp16)
         # clip_grad_norm_ split in its two halves (bitwise the same) so that a non-finite step
@@ -568,6 +599,8 @@ class Trainer:
             m["grad_norm"].append(grad_norm.item())
             m["tokens"].append(self.tokens)
             m["time"].append(self.elapsed)
+            for name, value in zip(names, extra_means, strict=True):
+                m[name].append(value)
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
@@ -577,6 +610,7 @@ class Trainer:
                 lr=lr,
                 tokens=self.tokens,
                 grad_norm=m["grad_norm"][-1],
+                **{name: m[name][-1] for name in self.objective.metrics},
             )
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
@@ -601,8 +635,8 @@ class Trainer:
         """Everything a resume needs, as tensors, arrays and JSON-able values (no objects).
 
         With FSDP2 the weights and moments are DTensors (this rank's rows), from
-        `torch.distributed.checkpoint.state_dict.get_state_dict`; the store writes each rank's
-        rows to its shard file. Distributed, every rank calls this (it gathers the RNG states).
+        `torch.distributed.checkpoint.state_dict`; the store writes each rank's rows to its
+        shard file. Distributed, every rank calls this (it gathers the RNG states).
         """
         par = self.parallel
         names = self.param_names
@@ -615,6 +649,9 @@ class Trainer:
             }
             for g in optim["param_groups"]
         ]
+        # A LoRA checkpoint holds the adapters; only the first of a run started as LoRA holds
+        # the base too (it is the base the later ones refer to, see mmnb.stages).
+        adapters_only = self.lora and "base" in self.frozen
         if par.mode == "fsdp":
             from torch.distributed.checkpoint import state_dict as dcp
 
@@ -624,6 +661,8 @@ class Trainer:
             if self.optimizer.state:
                 sharded = dcp.get_optimizer_state_dict(self.model, self.optimizer)
                 state, groups = sharded["state"], sharded["param_groups"]
+        elif adapters_only:
+            model_state = lora.adapter_state(self.model)
         else:
             model_state = self.model.state_dict()
         rng = rng_state(self.device)
@@ -631,7 +670,7 @@ class Trainer:
             ranks = par.gather(rng)
             if ranks is not None:
                 rng["ranks"] = {str(r): s for r, s in enumerate(ranks)}
-        sd = {
+        state = {
             "model": model_state,
             "optim": {"state": state, "param_groups": groups},
             "schedule": {"plan": self.plan.to_dict(), "step": self.step},
@@ -654,8 +693,52 @@ class Trainer:
             "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
         }
         if self.scaler.is_enabled():
-            sd["scaler"] = {**self.scaler.state_dict(), "skipped": self.skipped}
-        return sd
+            state["scaler"] = {**self.scaler.state_dict(), "skipped": self.skipped}
+        if self.frozen:
+            state["frozen"] = dict(self.frozen)
+        return state
+
+    def load_base(self, weights: dict[str, torch.Tensor]) -> None:
+        """The frozen base weights of a LoRA stage (every key of a MiniMind state dict)."""
+        self._load_weights(weights, lora.base_state(self.model))
+
+    def load_counters(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
+        """Plan, counters, data position and metrics of `sd`, not its weights or optimizer:
+        the start of a stage whose trainable parameters differ from the checkpoint's."""
+        self.plan = Plan.from_dict(sd["schedule"]["plan"])
+        t = sd["trainer"]
+        self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
+        self.elapsed = float(t["elapsed"])
+        self.position = int(sd["data"]["position"])
+        # A metric this objective logs and the checkpoint's did not (DPO's rewards after an LM
+        # stage) is NaN for the steps before: every metric stays aligned with "step".
+        steps = len(sd["metrics"]["step"])
+        self.metrics = {
+            k: [float(x) for x in sd["metrics"][k]] if k in sd["metrics"] else [math.nan] * steps
+            for k in self.metric_names
+        }
+        self.saved_step = self.step  # the state came from a checkpoint of this step
+        scaler = dict(sd.get("scaler") or {})
+        self.skipped = int(scaler.pop("skipped", 0))
+        if scaler and self.scaler.is_enabled():
+            self.scaler.load_state_dict(scaler)
+        if restore_rng:
+            rng = sd["rng"]
+            # This rank's own streams when the checkpoint has them (same world size).
+            rng = rng.get("ranks", {}).get(str(self.parallel.rank), rng)
+            set_rng_state(rng, self.device)
+
+    def _load_weights(
+        self, weights: dict[str, torch.Tensor], into: dict[str, torch.Tensor]
+    ) -> None:
+        missing = sorted(set(into) - set(weights))
+        extra = sorted(set(weights) - set(into))
+        if missing or extra:
+            what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+            raise ValueError(f"checkpoint weights do not fit this model ({what})")
+        with torch.no_grad():
+            for name, tensor in into.items():
+                tensor.copy_(weights[name])
 
     def load_state_dict(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
         """Restore `sd`, whose tensors may be whole tensors or `TensorRef`s not read yet
@@ -664,7 +747,14 @@ class Trainer:
         if self.parallel.mode == "fsdp":
             _load_sharded(self.model, self.optimizer, sd["model"], optim)
         else:
-            self.model.load_state_dict({k: _whole(v) for k, v in sd["model"].items()})
+            weights = {k: _whole(v) for k, v in sd["model"].items()}
+            if self.lora:  # the adapters; the base came through load_base
+                if any(lora.MARK not in k for k in weights):  # a LoRA run's first: base too
+                    self.load_base({k: v for k, v in weights.items() if lora.MARK not in k})
+                adapters = {k: v for k, v in weights.items() if lora.MARK in k}
+                self._load_weights(adapters, lora.adapter_state(self.model))
+            else:
+                self.model.load_state_dict(weights)
             names = self.param_names
             index = {n: i for i, n in enumerate(names)}
             self.optimizer.load_state_dict(
@@ -679,6 +769,9 @@ class Trainer:
                     ],
                 }
             )
+        # References the checkpoint records; those it does not (a LoRA run's first checkpoint
+        # is its own base) stay as they are.
+        self.frozen = {**self.frozen, **sd.get("frozen", {})}
         # Hyperparameters come from this trainer's config (a branch may change them); lr is
         # set from the plan at every step.
         for group in self.optimizer.param_groups:
@@ -687,22 +780,7 @@ class Trainer:
                 eps=self.config.eps,
                 weight_decay=self.config.weight_decay,
             )
-        self.plan = Plan.from_dict(sd["schedule"]["plan"])
-        t = sd["trainer"]
-        self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
-        self.elapsed = float(t["elapsed"])
-        self.position = int(sd["data"]["position"])
-        self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
-        scaler = dict(sd.get("scaler") or {})
-        self.skipped = int(scaler.pop("skipped", 0))
-        if scaler and self.scaler.is_enabled():
-            self.scaler.load_state_dict(scaler)
-        self.saved_step = self.step  # the state came from a checkpoint of this step
-        if restore_rng:
-            rng = sd["rng"]
-            # This rank's own streams when the checkpoint has them (same world size).
-            rng = rng.get("ranks", {}).get(str(self.parallel.rank), rng)
-            set_rng_state(rng, self.device)
+        self.load_counters(sd, restore_rng=restore_rng)
 
 
 @contextlib.contextmanager

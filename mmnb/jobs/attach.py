@@ -22,16 +22,51 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..events import Event, EventFollower, _step_info
+from ..events import SILENCE, Event, EventFollower, _step_info
 from . import control
 
 Listener = Callable[[Event], None]
 _OWN = ("open", "heartbeat", "close", "control")
+
+
+APPEAR_TIMEOUT = 120.0  # seconds to wait for a just-started job to create its run
+
+
+def appeared(store: Any, name: str, timeout: float = APPEAR_TIMEOUT) -> Any:
+    """The run `name` of `store`, waiting while a detached or queued job that creates it is
+    starting; a StoreError if there is none, a ValueError saying why the job ended first."""
+    from ..launch import tail_lines
+    from ..store import StoreError
+    from . import detach
+    from .queue import FILE, Queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return store.run(name)
+        except StoreError:
+            job = detach.find(store, name)
+            queued = False
+            if (store.path / FILE).is_file():
+                with Queue(store) as queue:
+                    queued = any(j.run == name for j in queue.jobs(["queued", "running"]))
+            if not queued and (job is None or not job.alive()):
+                if job is not None:  # it ended before creating the run: say why
+                    last = tail_lines(job.logs / "stderr.log", 1) if job.logs else []
+                    raise ValueError(
+                        f"the detached job of run {name!r} ended (exit {job.poll()}) before "
+                        f"creating it: {last[0] if last else 'no output'}"
+                    ) from None
+                raise
+            if time.monotonic() > deadline:
+                raise ValueError(f"run {name!r} has not appeared after {timeout:g}s") from None
+            time.sleep(0.2)
 
 
 class RemoteTrainer:
@@ -115,6 +150,7 @@ class Attachment:
         self.live = False  # a session is in progress (its process runs)
         self.ended = threading.Event()  # set when following stopped on its own
         self._process: Any = None
+        self._heard = time.monotonic()  # when the stream last said something
         self._stopped = True  # the current session has said how it ended
 
     def __repr__(self) -> str:
@@ -129,6 +165,15 @@ class Attachment:
     def replay(self) -> None:
         """Feed the current session's events (call before `start`)."""
         events = self._follower.poll()
+        if not any(e.kind in ("open", "start") for e in events):
+            # No session in the stream (a run from before streams, or one never trained since):
+            # say how it stands, from the store, so no button offers to stop it.
+            status = self.run.status()
+            if status != "training":
+                latest = self.run.latest()
+                reason = "done" if status == "finished" else "stop"
+                self._feed(Event("stop", latest.step if latest else 0, {"reason": reason}))
+            return
         opens = [i for i, e in enumerate(events) if e.kind == "open"]
         session = events[opens[-1] :] if opens else events
         start: Event | None = None
@@ -140,7 +185,7 @@ class Attachment:
                 self._feed(event)
         if self._stopped:
             return
-        if self._process is not None and not self._process.matches():
+        if self._gone():
             self._died()
         elif start is not None:
             # Live: restart the listener's rate clock at the step the session has reached.
@@ -150,9 +195,19 @@ class Attachment:
             info["epoch_step"] = int(info.get("epoch_step", 0)) + (now - start.step)
             self._feed(Event("start", now, info))
 
+    def _gone(self) -> bool:
+        """The session's writer has ended without a word (killed): checked against /proc on
+        this machine; on another, presumed after `events.SILENCE` seconds of silence."""
+        if self._process is None:
+            return False
+        if self._process.local:
+            return not self._process.matches()
+        return time.monotonic() - self._heard > SILENCE
+
     def _track(self, event: Event) -> None:
         from ..launch import ProcessRecord
 
+        self._heard = time.monotonic()
         if event.kind == "open":
             self._stopped, self.live = False, True
             with contextlib.suppress(ValueError):
@@ -186,6 +241,16 @@ class Attachment:
         self._thread.start()
         return self
 
+    def follow_here(self, timeout: float | None = None) -> bool:
+        """Follow in this thread (a terminal's `mmnb watch`: the listener prints, so no
+        background thread may call it); True if the session ended, False on `timeout`."""
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._closed.set)
+            timer.daemon = True
+            timer.start()
+        self._run()
+        return not self._closed.is_set()
+
     def _run(self) -> None:
         quiet = 0
         while not self._closed.wait(self.interval):
@@ -193,7 +258,7 @@ class Attachment:
                 self._track(event)
                 if event.kind not in _OWN:
                     self._feed(event)
-            if self.live and self._process is not None and not self._process.matches():
+            if self.live and self._gone():
                 self._died()
             if not self.live:
                 quiet += 1
