@@ -7,6 +7,7 @@ A front-end (CLI, magics, widgets) parses user input into keyword options and pa
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import re
@@ -156,10 +157,11 @@ def _train(
     background: bool,
     options: dict[str, Any],
 ) -> Run:
-    made: dict[str, Any] = {}  # rank 0's run handle (holding the writer lock) and weights
+    made: dict[str, Any] = {}  # rank 0's weights, dataset and run handle (with the lock)
 
-    def prepare() -> tuple[str, ModelConfig, TrainConfig, str, list[str]]:
-        # Rank 0 decides: config, tokenizer (trained once), run name; it creates the run.
+    def prepare() -> tuple[ModelConfig, TrainConfig, str, list[str]]:
+        # Rank 0 decides: config and tokenizer (trained once); it checks what it can before
+        # any rank builds a model.
         source, notices = None, []
         prep = _preparation(listeners)
         check_store(store.path, write=True)
@@ -178,32 +180,39 @@ def _train(
         _check_parallel(train_cfg, par)
         dataset = _dataset(train_cfg, tokenizer, prep)
         _check_fits(dataset, train_cfg, par)
+        made.update(source=source, dataset=dataset)
+        return model_cfg, train_cfg, tokenizer.to_json(), notices
+
+    model_cfg, train_cfg, tokenizer_json, notices = par.decide(prepare)
+    if made.get("source") is None and train_cfg.init_from:
+        made["source"] = _from_weights(store, dict(options))[0]  # every rank reads them
+    dataset = made.get("dataset") or _dataset(
+        train_cfg, Tokenizer.from_json(tokenizer_json), _preparation(())
+    )
+    trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
+    source = made.get("source")
+    if source is not None:
+        with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 weights
+            for key, tensor in trainer.model.state_dict().items():
+                if ".lora." not in key:  # LoRA adapters start as drawn: B = 0
+                    tensor.copy_(_shard_of(tensor, source.state[key]))
+
+    def create() -> str:
+        # The run appears only now: a follower (`mmnb watch`, %attach) finds its stream soon.
         handle = store.create_run(
             run or store.new_name(),
             config_to_dict(model_cfg, train_cfg),
-            tokenizer.to_json(),
+            tokenizer_json,
             lineage={"init_from": source.lineage} if source is not None else None,
         )
         handle.open_writer()
-        made.update(run=handle, source=source, dataset=dataset)
-        return handle.name, model_cfg, train_cfg, tokenizer.to_json(), notices
+        made["run"] = handle
+        return handle.name
 
-    name, model_cfg, train_cfg, tokenizer_json, notices = par.decide(prepare)
+    name = par.decide(create)
     handle = made.get("run") or Run(store, name)
     stream = None
     try:
-        if made.get("source") is None and train_cfg.init_from:
-            made["source"] = _from_weights(store, dict(options))[0]  # every rank reads them
-        dataset = made.get("dataset") or _dataset(
-            train_cfg, Tokenizer.from_json(tokenizer_json), _preparation(())
-        )
-        trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
-        source = made.get("source")
-        if source is not None:
-            with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 weights
-                for key, tensor in trainer.model.state_dict().items():
-                    if ".lora." not in key:  # LoRA adapters start as drawn: B = 0
-                        tensor.copy_(_shard_of(tensor, source.state[key]))
         stream = _attach(handle, trainer, listeners)
         for text in notices:
             trainer.emit("notice", text=text)
@@ -831,18 +840,27 @@ def _launch(
             handle.close_writer()
             if stream is not None:
                 stream.close(None if isinstance(error, KeyboardInterrupt) else error)
-            trainer.parallel.close()
+            _leave_group(trainer)
 
     if not start:
         handle.close_writer()
         if stream is not None:
             stream.close()
-        trainer.parallel.close()
+        _leave_group(trainer)
     elif background:
         handle.start_thread(fit)
     else:
         fit()
     return handle
+
+
+def _leave_group(trainer: Trainer) -> None:
+    """Leave the process group, the DDP wrapper first: a process that exits while DDP's
+    reducer still holds the gloo group aborts in its destructor ("terminate called")."""
+    if trainer.parallel.distributed:
+        trainer.module = trainer.model
+        gc.collect()
+    trainer.parallel.close()
 
 
 def load_model(run: Run, step: int | None = None) -> tuple[MiniMind, Tokenizer]:

@@ -122,9 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # `mmnb` alone, or `mmnb --epochs 2`: train
         argv = ["train", *argv]
         args = parser.parse_args(argv)
-    if getattr(args, "nproc", None) is not None:
+    training = args.command in ("train", "resume", "branch")
+    if training and getattr(args, "nproc", None) is not None:
         return _torchrun(args, argv)
-    if getattr(args, "max_restarts", None) is not None:
+    if training and getattr(args, "max_restarts", None) is not None:
         print("mmnb: error: --max-restarts needs --nproc (or torchrun's own)", file=sys.stderr)
         return 2
     rank = _rank()  # under torchrun only rank 0 prints

@@ -283,15 +283,10 @@ class Parallel:
             from torch.nn.parallel import DistributedDataParallel
 
             # DDP around the compiled module (its parameters are the model's): gradients are
-            # reduced by DDP's hooks on them, compiled or not.
-            # find_unused_parameters=True keeps DDP from re-bucketing after the first step of
-            # a session: the gradient buffer layout (and so the reduction order of ring
-            # all-reduce with 3+ ranks) is then the same at every step of every session, which
-            # exact resume needs. It also tolerates parameters without gradients.
+            # reduced by DDP's hooks on them, compiled or not. (The trainer primes it before
+            # its first step: `Trainer._prime`.)
             return DistributedDataParallel(
-                forward,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True,
+                forward, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         return forward
 

@@ -303,6 +303,7 @@ class Trainer:
         self._agreed = _NO_FLAGS  # the stop flags all ranks agreed on at the last boundary
         self._session_start = 0.0
         self._compiled = False  # a compiled step has run (the compile cost is paid)
+        self._primed = False  # DDP's gradient buckets are in their final order (_prime)
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -378,6 +379,8 @@ class Trainer:
                     "notice",
                     text="compiling the model (torch.compile): the first step takes longer",
                 )
+            if self.parallel.mode == "ddp" and not self._primed:
+                self._prime()
             try:
                 while True:
                     reason = self._stop_reason(start)
@@ -424,6 +427,32 @@ class Trainer:
                 self.checkpoint(final, requests=requests)
             self.emit("stop", reason=reason)
         return reason
+
+    def _prime(self) -> None:
+        """A backward of a zero loss through DDP before the first real step of a session.
+
+        DDP re-buckets the gradients after the first backward of a module, in the order they
+        became ready; without this the first step of every session would reduce with the
+        initial buckets and the later ones with the re-built ones. With 3+ ranks ring
+        all-reduce adds each element's values in an order that depends on its place in the
+        bucket, so a resumed run would differ from a straight one in the last bits. After this
+        throwaway pass (same graph as a step, a zero loss, dropout from a throwaway stream,
+        the gradients dropped) every real step of every session uses the same buckets.
+        """
+        cfg = self.config
+        order = self.epoch_indices(self.epoch)
+        lo = self.position + self.parallel.rank * self.accum * cfg.batch_size
+        input_ids, labels = self.dataset.batch(order[lo : lo + cfg.batch_size])
+        input_ids, labels = input_ids.to(self.device), labels.to(self.device)
+        generator = torch.Generator(self.device).manual_seed(0)
+        self.module.train()
+        with torch.autocast(
+            self.device.type, self._autocast or torch.float32, enabled=self._autocast is not None
+        ):
+            loss, _ = self.objective(self.module, input_ids, labels, generator)
+        (loss * 0.0).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._primed = True
 
     def _stop_reason(self, start: float) -> str | None:
         cfg = self.config
