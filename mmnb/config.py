@@ -134,6 +134,9 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
     keep_last: int = 0  # retention: keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
+    # Write checkpoints on a background thread while training goes on; None = when the state
+    # is larger than 64 MiB (mmnb.asyncsave). Never changes what is saved.
+    async_save: bool | None = None
     # What a refused step (non-finite loss or grad norm, or a spike) leads to (mmnb.jobs.recovery).
     on_anomaly: str = "stop"  # stop (checkpoint the last good step) | rollback
     spike_factor: float = 0.0  # refuse a step whose loss is over F x the running mean; 0 = off
