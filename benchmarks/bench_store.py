@@ -39,6 +39,7 @@ TARGETS = [
     "bytes on disk / raw tensor bytes <= 1.02",
     "extra peak memory while saving / state bytes <= 1",
     "resume to first step / fresh start to first step <= 1.5",
+    "--async-save: training stall per checkpoint <= 10% of a blocking save's",
     "list a run of 1,001 checkpoints and read its metrics < 200 ms",
 ]
 
@@ -205,6 +206,67 @@ def resume_vs_fresh(preset: str, folder: Path, rounds: int) -> None:
     )
 
 
+def async_stall(preset: str, folder: Path, rounds: int) -> None:
+    """What a checkpoint costs the training loop: blocking vs `--async-save`.
+
+    Three trainers of the same model, alternated per round, each running the trainer's own loop
+    body for 6 steps: with checkpoints after steps 2 and 4 written blocking or in the
+    background (waited for at the end of the round, as the end of training does), or without.
+    Reported: the time the loop spent in or waiting for checkpoints (the trainer's own
+    account), and the wall time each mode added to the round.
+    """
+    opts = dict(preset=preset, batch_size=4, max_seq_len=256, epochs=100, keep_last=1)
+    trainers = {}
+    for mode in ("none", "blocking", "async"):
+        run = mmnb.train(mode, store=folder / "stall", start=False, **opts)
+        run.open_writer()
+        trainers[mode] = (run, run.trainer)
+    blocked: dict[str, list[float]] = {m: [] for m in trainers}
+
+    def rounds_of(mode: str):
+        _, trainer = trainers[mode]
+
+        def call() -> float:
+            trainer.config.async_save = mode == "async"
+            before = trainer.checkpoint_seconds
+            torch.set_flush_denormal(True)  # as fit() does
+            t0 = time.perf_counter()
+            for i in range(1, 7):
+                trainer._train_step()  # the loop body of Trainer.fit
+                trainer.finish_save(wait=False)
+                if mode != "none" and i in (2, 4):
+                    trainer.checkpoint(["every"], background=True)
+            trainer.finish_save(wait=True)
+            seconds = time.perf_counter() - t0
+            torch.set_flush_denormal(False)
+            blocked[mode].append((trainer.checkpoint_seconds - before) / 2)
+            return seconds
+
+        return call
+
+    for mode in trainers:
+        rounds_of(mode)()  # warm-up
+    for values in blocked.values():
+        values.clear()
+    times = benchlib.alternate({m: rounds_of(m) for m in trainers}, rounds)
+    for run, _ in trainers.values():
+        run.close_writer()
+    added = {
+        m: [(t - n) / 2 for t, n in zip(times[m], times["none"], strict=True)]
+        for m in ("blocking", "async")
+    }
+    ratio = benchlib.ratios(blocked["async"], blocked["blocking"])
+    print(
+        f"\nasync checkpoints ({preset}, {rounds} rounds of 6 steps, checkpoints after 2 and 4):\n"
+        f"  loop time in or waiting for a checkpoint, per checkpoint: blocking "
+        f"{benchlib.spread(blocked['blocking'])}s, --async-save "
+        f"{benchlib.spread(blocked['async'])}s = {benchlib.spread(ratio, '{:.1%}')} of a "
+        "blocking save (target <= 10%)\n"
+        f"  wall time added per checkpoint (includes CPU shared with the writer thread): "
+        f"blocking {benchlib.spread(added['blocking'])}s, async {benchlib.spread(added['async'])}s"
+    )
+
+
 def listing(folder: Path, n: int) -> None:
     store = folder / "many"
     micro = dict(
@@ -247,6 +309,7 @@ def main() -> None:
         save_load(preset, folder, rounds)
         save_memory(preset, folder)
         resume_vs_fresh(preset, folder, rounds)
+        async_stall(preset, folder, rounds)
         listing(folder, 100 if args.quick else 1000)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

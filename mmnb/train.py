@@ -233,6 +233,7 @@ class Trainer:
         # (async saves, `config.async_save`; the store installs it too).
         self.state_writer: Callable[[dict[str, Any], list[str], list[str]], Any] | None = None
         self._writer = AsyncWriter()
+        self.checkpoint_seconds = 0.0  # time the loop spent saving or waiting for a save
         self._pending: tuple[Job, list[tuple[Future, list[str]]]] | None = None
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
@@ -423,14 +424,18 @@ class Trainer:
         tags = sorted({*tags, *(t for _, ts in requests for t in ts)})
         self.finish_save(wait=True)
         if background and self.async_save:
+            t0 = time.perf_counter()
             job = self._writer.submit(self.state_writer, self.state_dict(), reasons, tags)
             self._pending = (job, list(requests))
+            self.checkpoint_seconds += time.perf_counter() - t0
             return None
         saved = None
         try:
             if self.saver is not None:
+                t0 = time.perf_counter()
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.checkpoint_seconds += time.perf_counter() - t0
                 self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
@@ -459,8 +464,10 @@ class Trainer:
             if not wait:
                 return
             self.emit("notice", text=f"waiting for the checkpoint of step {job.step} to be written")
+            t0 = time.perf_counter()
             with self._guard.critical():  # a Ctrl-C while waiting lands after the commit
                 job.done.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
         self._pending = None
         try:
             saved = job.wait()
@@ -516,7 +523,9 @@ class Trainer:
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
         if self._pending is not None:
             # A save in the background is copying the weights and moments: they change next.
+            t0 = time.perf_counter()
             self._pending[0].captured.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
