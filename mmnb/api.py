@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -64,6 +65,34 @@ def _store(store: Store | str | None) -> Store:
     return store if isinstance(store, Store) else Store(store)
 
 
+def _with_progress(
+    listeners: Iterable[Listener], progress: bool | None, background: bool
+) -> list[Listener]:
+    """`listeners`, plus a console progress bar (tqdm on stderr) when `progress` is True, or
+    when it is None (the default), nobody else listens, training blocks and a person is
+    watching: stderr is a terminal or Python runs interactively. `progress=False` turns it off."""
+    listeners = list(listeners)
+    if progress is None:
+        ipython = sys.modules.get("IPython")  # already imported by a shell; never imported here
+        shell = ipython.get_ipython() if ipython is not None else None
+        interactive = (
+            hasattr(sys, "ps1") or sys.flags.interactive or _is_tty(sys.stderr) or shell is not None
+        )
+        progress = not listeners and not background and bool(interactive)
+    if progress:
+        from .progress import ConsoleProgress  # a front-end, imported only when asked for
+
+        listeners.append(ConsoleProgress())
+    return listeners
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def _normalise(options: dict[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in options.items() if v is not None}
     if "time_budget" in options:
@@ -79,6 +108,7 @@ def train(
     device: str = "cpu",
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Start a new run named `run` (auto-named when None) and train it.
@@ -86,8 +116,11 @@ def train(
     `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
+    A tqdm bar shows progress when a person watches (a terminal, an interactive session or a
+    notebook) and no other listener is given; `progress=False` turns it off, True forces it.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if run is not None:
         check_run_name(run)
     options = _normalise(options)
@@ -165,6 +198,7 @@ def resume(
     listeners: Iterable[Listener] = (),
     device: str = "cpu",
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Continue `run` (the newest run when None) from the store alone.
@@ -176,6 +210,7 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     check_store(store.path, write=False)
@@ -302,6 +337,7 @@ def branch(
     device: str = "cpu",
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> Run:
     """A new run whose parent is (`run`, `step`), sharing the parent's history up to `step`.
@@ -311,6 +347,7 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     check_store(store.path, write=True)

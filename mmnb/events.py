@@ -215,7 +215,7 @@ class EventWriter:
         self.errors = 0  # writes that failed (full disk…): progress is lost, training goes on
         if not self.enabled:
             return
-        self._open_file()
+        self._open_file_safely()
         open_info = {"process": self.process.to_dict(), "host": socket.gethostname()}
         open_info.update(meta or {})
         step = progress()[0] if progress else 0
@@ -286,6 +286,9 @@ class EventWriter:
                     self.errors += 1
             if lines:
                 self._append(b"".join(lines))
+            if self._closed and self._fd is not None:  # a late event after the session ended
+                os.close(self._fd)
+                self._fd = None
 
     def _open_file(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -298,6 +301,14 @@ class EventWriter:
                     os.write(fd, b"\n")
                     size += 1
         self._fd, self._size = fd, size
+
+    def _open_file_safely(self) -> None:
+        # A stream that cannot be written (a read-only folder, a symlink where the file should
+        # be) costs the progress, never the training: the error is counted, nothing raised.
+        try:
+            self._open_file()
+        except OSError:
+            self.errors += 1
 
     def _append(self, data: bytes) -> None:
         try:
@@ -477,29 +488,44 @@ class Progress:
         return None if self.process is None else self.process.matches()
 
 
-def progress(folder: str | os.PathLike[str], max_bytes: int = 4 * _CHUNK) -> Progress | None:
-    """The newest session's progress from the stream's tail (at most `max_bytes` read, newest
-    first, until a record with the total and the process is found); None without a stream."""
+_MARKERS = (b'"kind":"open"', b'"kind":"heartbeat"', b'"kind":"start"')
+
+
+def progress(folder: str | os.PathLike[str], max_bytes: int = 16 * _CHUNK) -> Progress | None:
+    """The newest session's progress from the stream's tail; None without a stream.
+
+    Reads the newest 16 KiB (recent steps, for the rate), then older chunks only as far back as
+    the newest record that carries the plan's total and the process (`open`, `heartbeat` or
+    `start`: found by a byte search, decoding only that line), at most `max_bytes` in all."""
     fd = _open_regular(Path(folder) / STREAM)
     if fd is None:
         return None
     try:
-        size = os.fstat(fd).st_size
-        end, data, events = size, b"", []
-        while end > 0 and size - end < max_bytes:
-            start = max(0, end - _CHUNK)
+        end = os.fstat(fd).st_size
+        newest: list[Event] = []
+        marker: list[Event] = []
+        carry = b""  # the cut-off start of the chunk read before
+        first = True
+        while end > 0 and not marker and os.fstat(fd).st_size - end < max_bytes:
+            start = max(0, end - (_CHUNK // 4 if first else _CHUNK))
             os.lseek(fd, start, os.SEEK_SET)
-            data = os.read(fd, end - start) + data
+            data = os.read(fd, end - start) + carry
             end = start
             lines = data.split(b"\n")
-            if start > 0:
-                lines = lines[1:]  # possibly cut
-            events = [e for e in (decode(x) for x in lines if x.strip()) if e is not None]
-            if any(e.kind in ("open", "heartbeat") for e in events):
-                break
+            carry = lines.pop(0) if start > 0 else b""
+            if first:
+                newest = [e for e in map(decode, filter(bytes.strip, lines)) if e is not None]
+                first = False
+                if any(e.kind in ("open", "heartbeat", "start") for e in newest):
+                    break
+                continue
+            for line in reversed(lines):
+                if any(m in line for m in _MARKERS) and (event := decode(line)) is not None:
+                    marker = [event]
+                    break
     finally:
         os.close(fd)
-    return summarize(events)
+    return summarize(marker + newest)
 
 
 def summarize(events: list[Event]) -> Progress:

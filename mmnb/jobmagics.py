@@ -18,7 +18,6 @@ magic parses its line (with the CLI's own option tables and parsers) and calls t
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -31,8 +30,6 @@ from IPython.core.magic_arguments import (
 )
 
 from .cli import user_errors, user_message
-
-APPEAR_TIMEOUT = 120.0  # seconds %attach waits for a just-started job to create its run
 
 
 def _usage(err: BaseException) -> UsageError:
@@ -74,73 +71,53 @@ class JobMagics(Magics):
     def attach(self, line: str) -> None:
         """Show the live dashboard of a run trained in another process (detached, queued, another
         kernel) — after a kernel restart too. Stop and Checkpoint now act on it."""
-        from .jobs.attach import Attachment
+        from .jobs.attach import Attachment, appeared
         from .store import Store
 
         args = parse_argstring(self.attach, line)
         store = Store(args.store)
         try:
             name = args.name or _default_run(store)
-            run = self._appeared(store, name)
+            run = appeared(store, name)
         except user_errors() as err:
             raise _usage(err) from None
-        listener, dashboard = self._listener(run.name)
-        attachment = Attachment(run, listener, keep_following=lambda: _queued(store, run.name))
-        if dashboard is not None:
-            dashboard.attach(attachment.remote)  # its buttons act through the control channel
-        attachment.replay()
-        attachment.start()
-        self.attachments.append(attachment)
-        if dashboard is None and not args.wait:
-            from .events import progress
-            from .jobs.watch import progress_line
+        if getattr(self.shell, "kernel", None) is None:
+            return self._attach_here(store, run, args)
+        from .widgets import Dashboard
 
-            p = progress(run.path)
-            print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")
+        dashboard = Dashboard(run.name).show()
+        attachment = Attachment(run, dashboard, keep_following=lambda: _queued(store, run.name))
+        dashboard.attach(attachment.remote)  # its buttons act through the control channel
+        attachment.replay()
+        attachment.start()  # the thread only updates widget traits, never prints
+        self.attachments.append(attachment)
         if args.wait:
-            if dashboard is not None:
-                dashboard.serve_clicks()
+            dashboard.serve_clicks()
             ended = attachment.wait(args.timeout)
-            if dashboard is not None:
-                dashboard.freeze()
+            dashboard.freeze()
             if not ended:
                 print(f"stopped waiting after {args.timeout:g}s; run {run.name} goes on")
 
-    def _appeared(self, store: Any, name: str) -> Any:
-        """The run `name`, waiting while a detached or queued job that creates it starts."""
-        from .jobs import detach
-        from .launch import tail_lines
-        from .store import StoreError
-
-        deadline = time.monotonic() + APPEAR_TIMEOUT
-        while True:
-            try:
-                return store.run(name)
-            except StoreError:
-                job = detach.find(store, name)
-                starting = job is not None and job.alive()
-                if not starting and not _queued(store, name):
-                    if job is not None:  # it ended before creating the run: say why
-                        last = tail_lines(job.logs / "stderr.log", 1) if job.logs else []
-                        raise UsageError(
-                            f"the detached job of run {name!r} ended (exit {job.poll()}) "
-                            f"before creating it: {last[0] if last else 'no output'}"
-                        ) from None
-                    raise
-                if time.monotonic() > deadline:
-                    raise UsageError(f"run {name!r} has not appeared yet; try again") from None
-                time.sleep(0.2)
-
-    def _listener(self, name: str) -> tuple[Any, Any]:
-        """(listener, dashboard): the widget dashboard in a kernel, else a console bar."""
-        if getattr(self.shell, "kernel", None) is not None:
-            from .widgets import Dashboard
-
-            dashboard = Dashboard(name).show()
-            return dashboard, dashboard
+    def _attach_here(self, store: Any, run: Any, args: argparse.Namespace) -> None:
+        """Terminal IPython: where the run stands; with --wait, its progress bar until it
+        ends, drawn by this thread (a background thread never prints)."""
+        from .events import progress
+        from .jobs.attach import Attachment
+        from .jobs.watch import progress_line
         from .progress import ConsoleProgress
 
-        return ConsoleProgress(), None
+        if args.wait:
+            bar = ConsoleProgress()
+            attachment = Attachment(run, bar, keep_following=lambda: _queued(store, run.name))
+            attachment.replay()
+            try:
+                ended = attachment.follow_here(args.timeout)
+            finally:
+                bar.close()
+            if not ended:
+                print(f"stopped waiting after {args.timeout:g}s; run {run.name} goes on")
+        p = progress(run.path)
+        print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")
 
     # ---- %queue ----
     @magic_arguments()
@@ -168,15 +145,16 @@ class JobMagics(Magics):
                 if started:
                     print(started)
                 return
+            if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
+                from IPython.display import display
+
+                from .widgets.queue import QueueTab  # the table, pipelines, Refresh, Cancel
+
+                display(QueueTab(cli_jobs._store(args.store).path))
+                return
             cli_jobs.queue_command(args)
         except user_errors() as err:
             raise _usage(err) from None
-        if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
-            from IPython.display import display
-
-            from .widgets.queue import QueueTab
-
-            display(QueueTab(cli_jobs._store(args.store).path))
 
     # ---- %pipeline ----
     @magic_arguments()

@@ -403,6 +403,8 @@ def spawn(
     folder = Path(logs) if logs is not None else None
     full_env = dict(os.environ, **(env or {}))
     if folder is not None:
+        if folder.is_symlink():
+            raise ValueError(f"log folder {folder} is a symlink; refused")
         folder.mkdir(parents=True, exist_ok=True)
         for stale in [folder / EXIT, *folder.glob("rank-*.json")]:
             stale.unlink(missing_ok=True)

@@ -34,6 +34,42 @@ Listener = Callable[[Event], None]
 _OWN = ("open", "heartbeat", "close", "control")
 
 
+APPEAR_TIMEOUT = 120.0  # seconds to wait for a just-started job to create its run
+
+
+def appeared(store: Any, name: str, timeout: float = APPEAR_TIMEOUT) -> Any:
+    """The run `name` of `store`, waiting while a detached or queued job that creates it is
+    starting; a StoreError if there is none, a ValueError saying why the job ended first."""
+    import time
+
+    from ..launch import tail_lines
+    from ..store import StoreError
+    from . import detach
+    from .queue import FILE, Queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return store.run(name)
+        except StoreError:
+            job = detach.find(store, name)
+            queued = False
+            if (store.path / FILE).is_file():
+                with Queue(store) as queue:
+                    queued = any(j.run == name for j in queue.jobs(["queued", "running"]))
+            if not queued and (job is None or not job.alive()):
+                if job is not None:  # it ended before creating the run: say why
+                    last = tail_lines(job.logs / "stderr.log", 1) if job.logs else []
+                    raise ValueError(
+                        f"the detached job of run {name!r} ended (exit {job.poll()}) before "
+                        f"creating it: {last[0] if last else 'no output'}"
+                    ) from None
+                raise
+            if time.monotonic() > deadline:
+                raise ValueError(f"run {name!r} has not appeared after {timeout:g}s") from None
+            time.sleep(0.2)
+
+
 class RemoteTrainer:
     """What a dashboard's buttons need of a trainer, for one in another process."""
 
@@ -124,6 +160,15 @@ class Attachment:
     def replay(self) -> None:
         """Feed the current session's events (call before `start`)."""
         events = self._follower.poll()
+        if not any(e.kind in ("open", "start") for e in events):
+            # No session in the stream (a run from before streams, or one never trained since):
+            # say how it stands, from the store, so no button offers to stop it.
+            status = self.run.status()
+            if status != "training":
+                latest = self.run.latest()
+                reason = "done" if status == "finished" else "stop"
+                self._feed(Event("stop", latest.step if latest else 0, {"reason": reason}))
+            return
         opens = [i for i, e in enumerate(events) if e.kind == "open"]
         session = events[opens[-1] :] if opens else events
         start: Event | None = None
@@ -180,6 +225,16 @@ class Attachment:
         self._thread = threading.Thread(target=self._run, name="mmnb-attach", daemon=True)
         self._thread.start()
         return self
+
+    def follow_here(self, timeout: float | None = None) -> bool:
+        """Follow in this thread (a terminal's `mmnb watch`: the listener prints, so no
+        background thread may call it); True if the session ended, False on `timeout`."""
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._closed.set)
+            timer.daemon = True
+            timer.start()
+        self._run()
+        return not self._closed.is_set()
 
     def _run(self) -> None:
         quiet = 0

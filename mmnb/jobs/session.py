@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from ..events import EventWriter
+from ..launch import EXIT_FILE_ENV
 from .control import Inbox
 
 JOB_ENV = "MMNB_JOB"  # the queue job a process runs for (set by the worker)
 RECOVERY_ENV = "MMNB_RECOVERY"  # why the worker (re)started it, as JSON
+
+
+def _logs() -> str | None:
+    """The log folder of this process when mmnb.launch started it (stdout.log, stderr.log)."""
+    exit_file = os.environ.get(EXIT_FILE_ENV)
+    return os.path.dirname(exit_file) if exit_file else None
 
 
 def open_session(run: Any, trainer: Any) -> EventWriter:
@@ -30,7 +38,7 @@ def open_session(run: Any, trainer: Any) -> EventWriter:
     writer = EventWriter(
         run.path,
         progress=lambda: (trainer.step, trainer.plan.end),
-        meta={"run": run.name, "job": os.environ.get(JOB_ENV)},
+        meta={"run": run.name, "job": os.environ.get(JOB_ENV), "logs": _logs()},
     )
     writer.poll = Inbox(run.path, trainer, writer).poll  # polled from now on, answers to it
     trainer.listeners.append(writer)
@@ -41,6 +49,11 @@ def open_session(run: Any, trainer: Any) -> EventWriter:
         except ValueError:
             info = None
         if isinstance(info, dict) and isinstance(info.get("text"), str):
+            info = {k: v for k, v in info.items() if k not in ("kind", "step")}
+            # In the run's history too: the browser marks it on the loss plot.
+            entry = {"kind": "restart", "step": trainer.step, "time": time.time(), **info}
+            history = run.info().get("history", [])
+            run.update_attrs(history=[*history, entry])
             trainer.emit("recover", **info)
             trainer.emit("notice", text=info["text"])
     return writer
