@@ -131,9 +131,10 @@ def _bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(torch.uint8).numpy()
 
 
-def state_bytes(model: torch.nn.Module) -> int:
-    """About what a checkpoint of `model` with AdamW holds: the weights and two moments."""
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """About what a checkpoint holds: the trained weights and AdamW's two moments of each."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return 3 * sum(p.numel() * p.element_size() for p in params)
 
 
 __all__ = ["AUTO_BYTES", "AsyncWriter", "Job", "state_bytes"]

@@ -235,7 +235,9 @@ def replay(
     else:
         stage = info.get("stage")
         state = store.run(parent[0]).load(parent[1])
-        trainer = api._restore(state, model_cfg, train_cfg, tokenizer_json, device, stage)
+        trainer = api._restore(
+            state, model_cfg, train_cfg, tokenizer_json, device, stage, store.run(parent[0])
+        )
         handle = store.create_run(name, config, tokenizer_json, parent=parent, stage=stage)
     handle.open_writer()
     stream = None
