@@ -61,6 +61,7 @@ ROTATED = "events.1.jsonl"
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024  # rotate past this size (two files at most)
 MAX_LINE = 64 * 1024  # a longer line is not a record
+SILENCE = 60.0  # a writer on another machine whose stream is silent this long is presumed gone
 _CHUNK = 64 * 1024
 TRAINER_KINDS = ("start", "step", "epoch", "checkpoint", "notice", "stop", "recover")
 STREAM_KINDS = ("open", "heartbeat", "control", "close")
@@ -484,8 +485,13 @@ class Progress:
         return max(self.total - self.step, 0) / self.steps_per_s
 
     def alive(self) -> bool | None:
-        """Whether the writer still runs (None when the stream names no process)."""
-        return None if self.process is None else self.process.matches()
+        """Whether the writer still runs: checked on this machine; for another machine's
+        process, whether its stream spoke in the last `SILENCE` seconds (None: unknown)."""
+        if self.process is None:
+            return None
+        if self.process.local:
+            return self.process.matches()
+        return self.updated is not None and time.time() - self.updated < SILENCE
 
 
 _MARKERS = (b'"kind":"open"', b'"kind":"heartbeat"', b'"kind":"start"')

@@ -138,6 +138,17 @@ def test_progress_reads_only_the_tail(tmp_path):
     with open(tmp_path / events.STREAM, "ab") as f:
         f.write(events.encode(Event("stop", 5000, {"reason": "done"}), t0 + 5001))
     assert events.progress(tmp_path).state == "done"
+    # A writer on another machine: alive while its stream speaks, presumed gone when silent.
+    remote = {"pid": 1, "pgid": 1, "ticks": 1, "boot": "b", "host": "another-host"}
+    now = time.time()
+    with open(tmp_path / events.STREAM, "ab") as f:
+        f.write(events.encode(Event("open", 0, {"process": remote}), now))
+    assert events.progress(tmp_path).alive() is True
+    with open(tmp_path / events.STREAM, "ab") as f:
+        f.write(events.encode(Event("heartbeat", 0, {"process": remote}), now + 1))
+    p = events.progress(tmp_path)
+    p.updated -= events.SILENCE + 5
+    assert p.alive() is False
 
 
 def test_every_training_session_writes_its_stream(store, micro):
