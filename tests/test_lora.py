@@ -117,3 +117,14 @@ def test_replay_of_a_run_that_starts_as_lora_from_imported_weights(store):
     again = replay("t", "t-replay", store=store)
     assert_same_state(store.run("t").load(4), again.load(4))
     assert again.load(4)["frozen"]["base"]["run"] == "t-replay"
+
+
+def test_browser_exports_a_lora_run_merged(store, tmp_path, monkeypatch):
+    from mmnb.widgets import Browser
+
+    monkeypatch.chdir(tmp_path)
+    b = Browser(store)
+    b.select("lo", 22)
+    b.exporter.button.click()
+    assert (tmp_path / "lo-22-hf" / "model.safetensors").is_file(), b.log.text()
+    b.close()
