@@ -422,7 +422,8 @@ def spawn(
         out = open(folder / STDOUT, "ab")  # closed below; the child keeps its copy
         err = open(folder / STDERR, "ab")
     else:
-        full_env.pop(EXIT_FILE_ENV, None)
+        # No folder of its own: a job started inside a job (`mmnb train --nproc N` run by the
+        # worker) keeps the outer job's, so its ranks register there and die with it.
         out = err = None
     try:
         popen = subprocess.Popen(
