@@ -58,6 +58,7 @@ Listener = Callable[[Event], None]
 # Options a plain resume may change: they do not alter the trajectory, only this session.
 SESSION_FIELDS = (
     *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    "async_save",  # how checkpoints are written, never what
     # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
     *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
 )
@@ -781,17 +782,22 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Eve
         trainer.on_batch = sample_logger(Path(log), par.rank)
     cfg = trainer.config
 
-    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
+    def write(state: dict[str, Any], reasons: list[str], tags: list[str]) -> Any:
         if par.distributed:
-            info = commit_sharded(handle, t.state_dict(), reasons, tags, par)
+            info = commit_sharded(handle, state, reasons, tags, par)
         else:
-            info = handle.commit(t.state_dict(), reasons, tags)
+            info = handle.commit(state, reasons, tags)
         if par.is_main:
-            protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
+            plan = trainer.plan
+            protect = {s for s in (plan.decay_start, plan.start) if s is not None}
             handle.prune(cfg.keep_last, cfg.keep_every, protect)
         return info
 
+    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
+        return write(t.state_dict(), reasons, tags)
+
     trainer.saver = save
+    trainer.state_writer = write  # the same, given a state: for saves in the background
     recovery.install(handle, trainer)
     return open_session(handle, trainer) if par.is_main else None
 

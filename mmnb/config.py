@@ -139,6 +139,9 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
     keep_last: int = 0  # retention: keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
+    # Write checkpoints on a background thread while training goes on; None = when the state
+    # is larger than 64 MiB (mmnb.asyncsave). Never changes what is saved.
+    async_save: bool | None = None
     # Stages after pretraining and SFT (docs/minimind.md): both start from existing weights.
     lora_rank: int = 0  # LoRA adapters of this rank on lora_targets, base frozen; 0 = off
     lora_alpha: float | None = None  # adapter scale is alpha / rank; None = rank (MiniMind's 1)

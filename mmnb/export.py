@@ -87,7 +87,9 @@ def export(
     elif merge_lora and not train_cfg.lora_rank:
         raise ValueError(f"--merge-lora: run {run.name!r} has no LoRA adapters to merge")
     else:
-        state = checkpoint_weights(run, step)  # a LoRA checkpoint: adapters merged into its base
+        # A LoRA checkpoint: adapters merged into its base. Otherwise views of the checkpoint
+        # file's bytes (mmap, checksums verified): exporting is one write, not read+copy+write.
+        state = checkpoint_weights(run, step, mapped=True)
     tokenizer = Tokenizer.from_json(run.tokenizer_json())
     arch = None
     if format == "minimind":

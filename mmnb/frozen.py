@@ -13,6 +13,9 @@ parent referred to), so the store's rule that a branch point is never deleted ke
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,8 +35,13 @@ MAX_DEPTH = 64  # LoRA on LoRA on …: a cycle in a hostile store must not recur
 
 def model_keys(cfg: ModelConfig) -> list[str]:
     """State-dict keys of a MiniMind model of `cfg`, in module order (as torch.save writes)."""
+    return list(_model_keys(json.dumps(dataclasses.asdict(cfg), sort_keys=True)))
+
+
+@functools.lru_cache(maxsize=16)
+def _model_keys(cfg_json: str) -> tuple[str, ...]:
     with torch.device("meta"):
-        return list(MiniMind(cfg).state_dict())
+        return tuple(MiniMind(ModelConfig(**json.loads(cfg_json))).state_dict())
 
 
 def _configs(run: Run) -> tuple[ModelConfig, TrainConfig]:
@@ -72,15 +80,44 @@ def _load(run: Run, step: int, digest: str | None, depth: int) -> tuple[dict[str
     return state, (model_cfg, train_cfg)
 
 
-def checkpoint_weights(run: Run, step: int, *, _digest_: str | None = None, _depth: int = 0):
+def checkpoint_weights(
+    run: Run,
+    step: int,
+    *,
+    mapped: bool = False,
+    _digest_: str | None = None,
+    _depth: int = 0,
+):
     """The full model weights of `run` at `step` — a LoRA checkpoint's adapters merged into its
-    base — with MiniMind's keys in module order, in the dtype they were saved in."""
+    base — with MiniMind's keys in module order, in the dtype they were saved in.
+
+    `mapped`: read-only tensors over an mmap of the checkpoint file (checksums verified), for a
+    caller that only passes the bytes on; never write into them."""
+    if mapped:
+        model_cfg, train_cfg = _configs(run)
+        tensors = None if train_cfg.lora_rank else _mapped(run, step)
+        if tensors is not None:
+            return {k: tensors[k] for k in model_keys(model_cfg)}
     state, (model_cfg, train_cfg) = _load(run, step, _digest_, _depth)
     weights = state["model"]
     if train_cfg.lora_rank:
         adapters = {k: v for k, v in weights.items() if lora.MARK in k}
         weights = lora.merge(_base_of(state, run, _depth), adapters, _scale(train_cfg))
     return {k: weights[k] for k in model_keys(model_cfg)}
+
+
+def _mapped(run: Run, step: int) -> dict[str, Tensor] | None:
+    import warnings
+
+    from .store.h5state import numpy_to_tensor
+    from .store.mapped import mapped_group
+
+    views = mapped_group(run.checkpoint_path(run.step_info(step)), "model")
+    if views is None:
+        return None
+    with warnings.catch_warnings():  # read-only memory: torch warns that it cannot write it
+        warnings.simplefilter("ignore", UserWarning)
+        return {k: numpy_to_tensor(array, dtype) for k, (array, dtype) in views.items()}
 
 
 def _scale(train: TrainConfig) -> float:

@@ -96,6 +96,12 @@ SESSION_OPTIONS: list[Option] = [
     _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
     _opt("--log-every", type=int, help="steps between progress updates"),
     _opt(
+        "--async-save",
+        action=argparse.BooleanOptionalAction,
+        help="write checkpoints in the background while training goes on "
+        "(default: when the state is over 64 MiB)",
+    ),
+    _opt(
         "--on-anomaly",
         choices=["stop", "rollback"],
         help="on a non-finite loss/grad norm or a spike: stop (default) or roll back to the "

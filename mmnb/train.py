@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import lora
+from .asyncsave import AUTO_BYTES, AsyncWriter, Job, state_bytes
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
 from .dist import Parallel, session_accum
@@ -271,6 +272,12 @@ class Trainer:
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
         self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
+        # The same write given a state dict: what a checkpoint written in the background runs
+        # (async saves, `config.async_save`; the store installs it too).
+        self.state_writer: Callable[[dict[str, Any], list[str], list[str]], Any] | None = None
+        self._writer = AsyncWriter()
+        self.checkpoint_seconds = 0.0  # time the loop spent saving or waiting for a save
+        self._pending: tuple[Job, list[tuple[Future, list[str]]]] | None = None
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
@@ -327,9 +334,10 @@ class Trainer:
             taken, self._requests = self._requests, []
         return taken
 
-    def emit(self, kind: str, **info: Any) -> None:
+    def emit(self, kind: str, *, at: int | None = None, **info: Any) -> None:
+        """Tell the listeners; `at` is the step the event is about (default: the current one)."""
         self._stop_said = self._stop_said or kind == "stop"
-        event = Event(kind, self.step, info)
+        event = Event(kind, self.step if at is None else at, info)
         for listener in list(self.listeners):
             listener(event)
 
@@ -350,6 +358,7 @@ class Trainer:
         try:
             return self._fit()
         except Exception as err:
+            self._settle_save()
             # Front-ends must not keep showing "training": say how it ended, then re-raise.
             if not self._stop_said:
                 self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
@@ -381,6 +390,12 @@ class Trainer:
                 )
             if self.parallel.mode == "ddp" and not self._primed:
                 self._prime()
+            if cfg.async_save and self.parallel.distributed:
+                self.emit(
+                    "notice",
+                    text="--async-save is off with several processes (see "
+                    "docs/distributed.md): each checkpoint is written at its step",
+                )
             try:
                 while True:
                     reason = self._stop_reason(start)
@@ -406,8 +421,9 @@ class Trainer:
                         self.checkpoint([*reasons, "interrupt"], requests=requests)
                         self.emit("stop", reason="interrupt")
                         raise _AgreedInterrupt
+                    self.finish_save(wait=False)
                     if reasons:
-                        self.checkpoint(reasons, requests=requests)
+                        self.checkpoint(reasons, requests=requests, background=True)
             except _AgreedInterrupt:
                 raise KeyboardInterrupt from None
             except KeyboardInterrupt:
@@ -425,6 +441,7 @@ class Trainer:
                 final.append("requested")
             if final:
                 self.checkpoint(final, requests=requests)
+            self.finish_save(wait=True)  # the end of training waits for the commit in flight
             self.emit("stop", reason=reason)
         return reason
 
@@ -496,19 +513,47 @@ class Trainer:
             reasons.append("every")
         return reasons
 
+    @property
+    def async_save(self) -> bool:
+        """Whether in-loop checkpoints are written in the background (`config.async_save`).
+        Never with several processes: a sharded commit is collective (gathers, barriers), and
+        collectives from a second thread would interleave with the step's own all-reduces in an
+        order the ranks need not agree on."""
+        if self.state_writer is None or self.parallel.distributed:
+            return False
+        if self.config.async_save is not None:
+            return self.config.async_save
+        return state_bytes(self.optimizer) > AUTO_BYTES
+
     def checkpoint(
         self,
         reasons: list[str],
         tags: list[str] = (),
         requests: list[tuple[Future, list[str]]] = (),
+        *,
+        background: bool = False,
     ) -> Any:
-        """Save the state at this boundary through `saver`; return what it returned."""
+        """Save the state at this boundary through `saver`; return what it returned.
+
+        With `background` (and async saves on) the state is handed to a background writer and
+        None is returned; the `checkpoint` event and the requests' results follow once it is
+        committed (`finish_save`). Commits keep step order: a save waits for the one in flight.
+        """
         tags = sorted({*tags, *(t for _, ts in requests for t in ts)})
+        self.finish_save(wait=True)
+        if background and self.async_save:
+            t0 = time.perf_counter()
+            job = self._writer.submit(self.state_writer, self.state_dict(), reasons, tags)
+            self._pending = (job, list(requests))
+            self.checkpoint_seconds += time.perf_counter() - t0
+            return None
         saved = None
         try:
             if self.saver is not None:
+                t0 = time.perf_counter()
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.checkpoint_seconds += time.perf_counter() - t0
                 self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
@@ -518,6 +563,40 @@ class Trainer:
             future.set_result(saved)
         self.emit("checkpoint", reasons=reasons, tags=tags, saved=saved)
         return saved
+
+    def _settle_save(self) -> None:
+        """After a failure: wait for the save in flight too (what it committed is kept). Its
+        own error, if any, is told as a notice: the failure being raised is the one to report."""
+        try:
+            self.finish_save(wait=True)
+        except Exception as err:
+            self.emit("notice", text=f"the checkpoint written in the background failed: {err}")
+
+    def finish_save(self, wait: bool) -> None:
+        """Report the checkpoint written in the background once it is committed (its event,
+        its requests' results); with `wait`, wait for it (and say so). Re-raises its error."""
+        if self._pending is None:
+            return
+        job, requests = self._pending
+        if not job.done.is_set():
+            if not wait:
+                return
+            self.emit("notice", text=f"waiting for the checkpoint of step {job.step} to be written")
+            t0 = time.perf_counter()
+            with self._guard.critical():  # a Ctrl-C while waiting lands after the commit
+                job.done.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
+        self._pending = None
+        try:
+            saved = job.wait()
+        except BaseException as err:
+            for future, _ in requests:
+                future.set_exception(err)
+            raise
+        self.saved_step = job.step
+        for future, _ in requests:
+            future.set_result(saved)
+        self.emit("checkpoint", at=job.step, reasons=job.reasons, tags=job.tags, saved=saved)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -603,6 +682,11 @@ class Trainer:
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
         elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
+        if self._pending is not None:
+            # A save in the background is copying the weights and moments: they change next.
+            t0 = time.perf_counter()
+            self._pending[0].captured.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -644,6 +728,7 @@ class Trainer:
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
+        self.finish_save(wait=True)  # a rollback reads the store: the commit in flight first
         with self._guard.critical():  # a rollback restores the whole state or nothing
             action = self.on_anomaly(self, anomaly)
         if action == AnomalyAction.SKIP:

@@ -22,6 +22,9 @@ def store(tmp_path_factory, small_corpus) -> Store:
     store = Store(tmp_path_factory.mktemp("lora") / "store")
     mmnb.train("base", store=store, **dict(MICRO, data=str(small_corpus), max_steps=12))
     mmnb.branch("base", 12, "lo", store=store, **LORA)
+    # A run that is LoRA from its start, from the base's weights.
+    mmnb.train("t", store=store, init_from="base@12", lora_rank=2, max_steps=4,
+               data=str(small_corpus), max_seq_len=32, batch_size=4)  # fmt: skip
     return store
 
 
@@ -79,8 +82,7 @@ def test_merged_export_equals_the_adapters_forward(store, tmp_path):
 
 def test_lora_on_train_and_on_the_command_line(store, tmp_path, capsys):
     # A run that is LoRA from its start: step 0 holds its base whole; later steps refer to it.
-    run = mmnb.train("t", store=store, init_from="base@12", lora_rank=2, max_steps=4,
-                     data=str(MICRO_DATA(store)), max_seq_len=32, batch_size=4)  # fmt: skip
+    run = store.run("t")
     first, last = run.load(0)["model"], run.load(4)
     assert "model.embed_tokens.weight" in first and ".lora." in " ".join(first)
     assert all(".lora." in k for k in last["model"]) and last["frozen"]["base"]["run"] == "t"
@@ -99,10 +101,6 @@ def test_lora_on_train_and_on_the_command_line(store, tmp_path, capsys):
     assert sorted(p.name for p in store.path.iterdir()) == before
 
 
-def MICRO_DATA(store: Store) -> str:
-    return store.run("base").config_dict()["train"]["data"]
-
-
 def test_rank_8_checkpoint_of_minimind2_small_is_under_5_percent(tmp_path, small_corpus):
     store = Store(tmp_path / "store")
     sizes = dict(max_seq_len=32, batch_size=1, data=str(small_corpus), vocab_size=6400)
@@ -111,3 +109,22 @@ def test_rank_8_checkpoint_of_minimind2_small_is_under_5_percent(tmp_path, small
     full = store.run("full").step_info(1).bytes  # weights and AdamW moments
     adapters = store.run("lora").step_info(2).bytes
     assert adapters <= 0.05 * full, (adapters, full)
+
+
+def test_replay_of_a_run_that_starts_as_lora_from_imported_weights(store):
+    from mmnb.jobs.recovery import replay
+
+    again = replay("t", "t-replay", store=store)
+    assert_same_state(store.run("t").load(4), again.load(4))
+    assert again.load(4)["frozen"]["base"]["run"] == "t-replay"
+
+
+def test_browser_exports_a_lora_run_merged(store, tmp_path, monkeypatch):
+    from mmnb.widgets import Browser
+
+    monkeypatch.chdir(tmp_path)
+    b = Browser(store)
+    b.select("lo", 22)
+    b.exporter.button.click()
+    assert (tmp_path / "lo-22-hf" / "model.safetensors").is_file(), b.log.text()
+    b.close()

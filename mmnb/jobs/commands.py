@@ -26,6 +26,7 @@ LAUNCH_DESTS = ("detach", "background", "status", "stop", "help")
 # Options a restart passes on to `mmnb resume` (they shape a session, not the trajectory).
 RESUME_DESTS = (
     *("store", "device", "save_every", "stop_at", "time_budget", "keep_last", "keep_every"),
+    "async_save",
     *("log_every", "on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
     *("no_sample", "max_new_tokens", "temperature", "top_p", "sample_seed"),
     *("nproc", "shard", "max_restarts"),  # the process layout (mmnb.dist): kept on a restart
