@@ -65,7 +65,7 @@ if "full_state" in SPEC:
     real_attach = api._attach
 
     def attach(handle, trainer, listeners):  # type: ignore[no-untyped-def]
-        real_attach(handle, trainer, listeners)
+        stream = real_attach(handle, trainer, listeners)
         save = trainer.saver
 
         def saver(t, reasons, tags):  # type: ignore[no-untyped-def]
@@ -85,6 +85,7 @@ if "full_state" in SPEC:
             return info
 
         trainer.saver = saver
+        return stream
 
     api._attach = attach
 
