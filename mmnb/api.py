@@ -94,14 +94,16 @@ def train(
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     handle = store.create_run(
-        run or store.new_name(), config_to_dict(model_cfg, train_cfg), tokenizer.to_json()
+        run or store.new_name(),
+        config_to_dict(model_cfg, train_cfg),
+        tokenizer.to_json(),
+        writer=True,  # locked from its first moment: nobody sees it empty and unlocked
     )
-    handle.open_writer()
     try:
         _attach(handle, trainer, listeners)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
     except BaseException:
-        handle.close_writer()
+        handle.discard()  # nothing was committed (a full disk, Ctrl-C): the name stays free
         raise
     return _launch(handle, trainer, start, background)
 
@@ -155,17 +157,38 @@ def resume(
     check_store(store.path, write=True)
     check_run_writable(handle.path)
     handle.open_writer()
+    unstarted = False
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
-        state = handle.load(step)
-        trainer = _restore(state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage)
+        if step is None and stage is None and not handle.steps():
+            # Its creator died before step 0 was committed: start it from its config.
+            unstarted = True
+            trainer = _fresh(model_cfg, train_cfg, handle.tokenizer_json(), device)
+        else:
+            if step is None:
+                state, corrupt = handle.load_newest()
+            else:
+                state, corrupt = handle.load(step), []
+            where = f"run {handle.name!r} step {state['trainer']['step']}"
+            trainer = _restore(
+                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, where
+            )
+            # A newer checkpoint that is corrupt is recomputed (the trajectory is a pure
+            # function of config, seed and data) and replaced when training passes it.
+            trainer.repair_steps.update(corrupt)
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         _attach(handle, trainer, listeners)
+        if unstarted:
+            try:
+                trainer.checkpoint(["start"])
+            except BaseException:
+                handle.close_writer()
+                raise
         if trainer.finished:
             trainer.emit(
                 "notice",
@@ -318,15 +341,17 @@ def _branch(
         tokenizer_json = tokenizer.to_json()
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
-    trainer = _restore(parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage)
+    where = f"run {parent.name!r} step {step}"
+    state = parent.load(step)
+    trainer = _restore(state, model_cfg, train_cfg, tokenizer_json, device, stage, where)
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
         tokenizer_json,
         parent=(parent.name, step),
         stage=stage,
+        writer=True,
     )
-    handle.open_writer()
     _attach(handle, trainer, listeners)
     return _launch(handle, trainer, start, background)
 
@@ -338,14 +363,17 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    where: str = "the checkpoint",
 ) -> Trainer:
     """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
     checkpoint holds the parent's plan and data position; the branch's own follow from its
     config, deterministically."""
-    tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
-    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
-    trainer.load_state_dict(state)
+    trainer = _fresh(model_cfg, train_cfg, tokenizer_json, device)
+    try:
+        trainer.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        # The store checked every value it read; this is the last line of defence.
+        raise StoreError(f"{where} cannot be restored ({err})") from None
     if branch_stage is not None and trainer.step == branch_stage["start"]:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
@@ -353,12 +381,21 @@ def _restore(
         else:
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
-    elif state["data"]["fingerprint"] != dataset.fingerprint:
+    elif state["data"]["fingerprint"] != trainer.dataset.fingerprint:
         raise StoreError(
             f"the data ({train_cfg.data or 'bundled corpus'}) changed since the checkpoint "
             "was written; restore it or branch with --data"
         )
     return trainer
+
+
+def _fresh(
+    model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer_json: str, device: str
+) -> Trainer:
+    """A Trainer at step 0 of the config, on the data with the run's tokenizer."""
+    tokenizer = Tokenizer.from_json(tokenizer_json)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    return Trainer(model_cfg, train_cfg, dataset, device=device)
 
 
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
@@ -369,7 +406,9 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
         info = handle.commit(t.state_dict(), reasons, tags)
         protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
-        handle.prune(cfg.keep_last, cfg.keep_every, protect)
+        handle.prune(
+            cfg.keep_last, cfg.keep_every, protect, notify=lambda text: t.emit("notice", text=text)
+        )
         return info
 
     trainer.saver = save

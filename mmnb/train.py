@@ -223,6 +223,8 @@ class Trainer:
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
+        # Steps whose committed checkpoint is corrupt: checkpointed again when reached.
+        self.repair_steps: set[int] = set()
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
@@ -347,6 +349,8 @@ class Trainer:
             reasons.append("decay_start")
         if self.config.save_every and self.step % self.config.save_every == 0:
             reasons.append("every")
+        if self.step in self.repair_steps:
+            reasons.append("repair")
         return reasons
 
     def checkpoint(

@@ -121,3 +121,24 @@ def open_lock(path: Path, *, create: bool) -> int | None:
         what = _kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else "a hard link"
         raise StoreError(f"lock file {path} is {what}; refused")
     return fd
+
+
+def virtual_source(root: Path, base: Path, name: str) -> str:
+    """A virtual dataset's source file `name` (relative to the folder `base` of the file that
+    holds the dataset), checked to be a regular file inside the store; '.' is that same file.
+
+    HDF5 resolves a relative source against the virtual file's folder, so that is where it is
+    checked; an absolute name, or one that leaves the store, is refused.
+    """
+    if name == ".":
+        return "."
+    if not name or os.path.isabs(name) or "\x00" in name:
+        raise StoreError(f"virtual dataset source {name!r} is not a relative path; refused")
+    root_abs = os.path.abspath(root)
+    target = os.path.normpath(os.path.join(os.path.abspath(base), name))
+    if os.path.commonpath([root_abs, target]) != root_abs or target == root_abs:
+        raise StoreError(f"virtual dataset source {name!r} lies outside the store; refused")
+    parts = Path(target).relative_to(root_abs).parts
+    if len(parts) < 2:
+        raise StoreError(f"virtual dataset source {name!r} is not in a run folder; refused")
+    return str(store_file(Path(root_abs), parts[0], *parts[1:], what="virtual dataset source"))
