@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import mmnb
-from mmnb.config import resolve
+from mmnb.config import config_to_dict, resolve
 from mmnb.data import build_dataset, tokenizer_for
 from mmnb.store import Store
 from mmnb.train import Trainer
@@ -70,13 +70,14 @@ def save_load(preset: str, folder: Path) -> None:
     trainer.fit()  # one step, so AdamW moments exist
     state = trainer.state_dict()
     store = Store(folder / "store")
-    run = store.create_run("bench", {}, tokenizer.to_json())
+    run = store.create_run("bench", config_to_dict(model_cfg, train_cfg), tokenizer.to_json())
     run.open_writer()
     step = [0]
 
     def save_h5() -> None:
         step[0] += 1
         state["trainer"] = {**state["trainer"], "step": step[0]}
+        state["schedule"] = {**state["schedule"], "step": step[0]}
         run.commit(state, ["bench"])
 
     plain = _torchify(state)  # weights_only torch.load refuses numpy arrays
@@ -119,11 +120,13 @@ from mmnb.config import resolve
 from mmnb.data import build_dataset, tokenizer_for
 from mmnb.store import Store
 from mmnb.train import Trainer
+from mmnb.config import config_to_dict
 m, t = resolve({preset!r}, batch_size=2, max_seq_len=64, max_steps=1)
 tok = tokenizer_for(None, m.vocab_size)
 tr = Trainer(m, t, build_dataset(None, tok, 64)); tr.fit()
 state = tr.state_dict()
-run = Store({str(folder / "mem")!r}).create_run("m", {{}}, tok.to_json()); run.open_writer()
+run = Store({str(folder / "mem")!r}).create_run("m", config_to_dict(m, t), tok.to_json())
+run.open_writer()
 def hwm():  # VmHWM: peak RSS of this process (ru_maxrss would be inherited from the parent)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 before = hwm()

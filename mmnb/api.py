@@ -404,11 +404,12 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
-        info = handle.commit(t.state_dict(), reasons, tags)
+        def notify(text: str) -> None:  # the trainer may be a background thread: no printing
+            t.emit("notice", text=text)
+
+        info = handle.commit(t.state_dict(), reasons, tags, notify=notify)
         protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
-        handle.prune(
-            cfg.keep_last, cfg.keep_every, protect, notify=lambda text: t.emit("notice", text=text)
-        )
+        handle.prune(cfg.keep_last, cfg.keep_every, protect, notify=notify)
         return info
 
     trainer.saver = save

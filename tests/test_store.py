@@ -13,6 +13,7 @@ import torch
 import mmnb
 from conftest import assert_same_state
 from mmnb.store import CorruptCheckpoint, Store, StoreError, read_tree, write_tree
+from mmnb.store.h5guard import collect
 from mmnb.store.image import SparseImage, write_file
 from mmnb.store.schema import TORCH_STORAGE, Rule
 
@@ -50,7 +51,7 @@ def test_tree_round_trip_is_bit_exact(tmp_path, writer):
         return Rule(np.dtype(entry["numpy"]), tuple(entry["shape"]), None)
 
     with h5py.File(path, "r") as f:
-        back = read_tree(f, manifest, "g", rule, path.stat().st_size)
+        back = read_tree(collect(f, "g"), manifest, "g", rule, path.stat().st_size)
         assert f["g/bf16"].dtype == np.uint16 and f["g/bf16"].attrs["dtype"] == "bfloat16"
         assert f["g/tied"].id == f["g/f32"].id  # one dataset, two names
     for key in ("bf16", "f32", "f16", "i64", "scalar", "u8", "empty", "tied"):
@@ -243,9 +244,12 @@ def test_resume_recomputes_and_replaces_a_corrupt_newest_checkpoint(trained):
     original = run.load(6)
     path = run.path / run.step_info(6).file
     _flip_byte_in(path, "optim/state/model.norm.weight/exp_avg")
+    events = []
     with pytest.warns(UserWarning, match="00000006.h5.*trying an older checkpoint"):
-        mmnb.resume("r", store=store)
+        mmnb.resume("r", store=store, listeners=[events.append])
     assert (path.parent / "00000006.h5.corrupt").is_file()  # kept aside for inspection
+    notes = [e.info["text"] for e in events if e.kind == "notice"]
+    assert notes == [f"checkpoint {path} was corrupt; moved to 00000006.h5.corrupt and rewritten"]
     assert [s.step for s in run.steps()] == [0, 2, 4, 6]
     assert "end" in run.step_info(6).reasons and "repair" not in run.step_info(6).reasons
     assert_same_state(run.load(6), original)

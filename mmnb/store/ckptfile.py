@@ -113,14 +113,14 @@ def read_checkpoint(
         datasets = manifest["datasets"]
         wanted = tuple(g for g in groups if g in manifest["groups"])
         schema.check_complete(wanted, datasets, spec)
-        _check_objects(f, manifest, wanted)
+        objects = _objects(f, manifest, wanted)
 
         def rule(p: str, entry: dict[str, Any]) -> schema.Rule:
             return schema.dataset_rule(p, entry, spec, step)
 
         state = {
             g: read_tree(
-                f, manifest, g, rule, file_size, verify=verify, virtual_source=virtual_source
+                objects, manifest, g, rule, file_size, verify=verify, virtual_source=virtual_source
             )
             for g in wanted
         }
@@ -153,20 +153,26 @@ def read_summary(path: Path) -> dict[str, Any]:
     return summary
 
 
-def _check_objects(f: h5py.File, manifest: dict[str, Any], groups: tuple[str, ...]) -> None:
-    """The file holds exactly what the manifest lists (under the groups to be read, and at the
-    top): no extra object, no link but hard links, no cycle (a bounded walk)."""
+def _objects(
+    f: h5py.File, manifest: dict[str, Any], groups: tuple[str, ...]
+) -> dict[str, h5py.Group | h5py.Dataset]:
+    """{path: object} under `groups`, once the file is found to hold exactly what the manifest
+    lists (under those groups, and at the top): no extra object, no link but hard links, no
+    cycle (a bounded walk)."""
     listed = set(manifest["groups"]) | set(manifest["datasets"])
     top = {p.split("/")[0] for p in listed}
     for name in f:
         if name not in top:
             raise h5guard.UnsafeFile(f"unexpected object /{name}")
+    objects: dict[str, h5py.Group | h5py.Dataset] = {}
     for group in groups:
-        found = {group} | {f"{group}/{p}" for p, _ in h5guard.walk(h5guard.open_path(f, group))}
+        found = h5guard.collect(f, group)
         expected = {p for p in listed if p == group or p.startswith(group + "/")}
-        if found != expected:
-            extra = sorted(found - expected) or sorted(expected - found)
+        if found.keys() != expected:
+            extra = sorted(found.keys() - expected) or sorted(expected - found.keys())
             raise h5guard.UnsafeFile(f"/{extra[0]} is not what the manifest lists")
+        objects.update(found)
+    return objects
 
 
 def _check_json_tree(group: str, values: dict[str, Any], spec: schema.ModelSpec, step: int) -> None:

@@ -47,17 +47,25 @@ def _component(name: str) -> bytes:
 def open_hard(group: h5py.Group, name: str) -> h5py.Group | h5py.Dataset:
     """`group[name]`, only if `name` is a hard link in `group` (no traversal otherwise)."""
     raw = _component(name)
-    where = f"{group.name.rstrip('/')}/{name}"
-    if not group.id.links.exists(raw):
-        raise UnsafeFile(f"{where} is missing")
-    kind = group.id.links.get_info(raw).type
+    links = group.id.links
+    if not links.exists(raw):
+        raise UnsafeFile(f"{_where(group, name)} is missing")
+    kind = links.get_info(raw).type
     if kind != h5py.h5l.TYPE_HARD:
         what = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
-        raise UnsafeFile(f"{where} is {what.get(kind, 'a user-defined link')}; refused")
-    obj = group[name]
-    if not isinstance(obj, (h5py.Group, h5py.Dataset)):
-        raise UnsafeFile(f"{where} is a {type(obj).__name__}, not a group or dataset")
-    return obj
+        raise UnsafeFile(
+            f"{_where(group, name)} is {what.get(kind, 'a user-defined link')}; refused"
+        )
+    oid = h5py.h5o.open(group.id, raw)
+    if isinstance(oid, h5py.h5g.GroupID):
+        return h5py.Group(oid)
+    if isinstance(oid, h5py.h5d.DatasetID):
+        return h5py.Dataset(oid)
+    raise UnsafeFile(f"{_where(group, name)} is a {type(oid).__name__}, not a group or dataset")
+
+
+def _where(group: h5py.Group, name: str) -> str:
+    return f"{group.name.rstrip('/')}/{name}"
 
 
 def open_path(root: h5py.Group, path: str) -> h5py.Group | h5py.Dataset:
@@ -181,6 +189,14 @@ def read_array(ds: h5py.Dataset, dtype: np.dtype, shape: tuple[int, ...]) -> np.
     if out.size:
         ds.read_direct(out)
     return out
+
+
+def collect(root: h5py.Group, path: str) -> dict[str, h5py.Group | h5py.Dataset]:
+    """{path: object} for the group at `path` and everything under it (`walk`'s rules)."""
+    group = open_path(root, path)
+    if not isinstance(group, h5py.Group):
+        raise UnsafeFile(f"/{path} is not a group")
+    return {path: group, **{f"{path}/{p}": obj for p, obj in walk(group)}}
 
 
 def walk(

@@ -148,7 +148,7 @@ def _create(group: h5py.Group, key: str, array: np.ndarray, raw: list | None) ->
 
 
 def read_tree(
-    root: h5py.Group,
+    objects: dict[str, h5py.Group | h5py.Dataset],
     manifest: dict[str, dict[str, Any]],
     prefix: str,
     rule: Callable[[str, dict[str, Any]], Any],
@@ -159,6 +159,8 @@ def read_tree(
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
 
+    `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
+
     `rule(path, entry)` returns the checked (storage dtype, shape, torch dtype) of a dataset
     (raising for anything the config does not allow) before the dataset is opened. With
     `verify`, every dataset's bytes and every `json` attribute are checked against the manifest.
@@ -167,7 +169,7 @@ def read_tree(
     groups = manifest["groups"]
     for path in sorted(p for p in groups if p == prefix or p.startswith(prefix + "/")):
         node = _node(tree, path, prefix)
-        group = h5guard.open_path(root, path)
+        group = objects.get(path)
         if not isinstance(group, h5py.Group):
             raise h5guard.UnsafeFile(f"{path} is not a group")
         expected = groups[path]
@@ -191,7 +193,7 @@ def read_tree(
         if parent not in groups:
             raise ValueError(f"dataset {path} is in a group the manifest does not list")
         r = rule(path, entry)
-        ds = h5guard.open_path(root, path)
+        ds = objects.get(path)
         if not isinstance(ds, h5py.Dataset):
             raise h5guard.UnsafeFile(f"{path} is not a dataset")
         h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)

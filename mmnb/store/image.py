@@ -93,7 +93,7 @@ def write_file(path: Path, image: SparseImage, raw: list[tuple[int, np.ndarray]]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        path.unlink(missing_ok=True)
+        discard(path)
         raise
     os.close(fd)
     return image.size
@@ -105,3 +105,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         if n <= 0:  # a short write that made no progress: report it as the disk being full
             raise OSError(28, os.strerror(28))
         data, offset = data[n:], offset + n
+
+
+def discard(path: Path) -> None:
+    """Remove a temporary file if possible. On a read-only or broken disk even that fails;
+    the next writer removes it then (a temporary name never counts as committed)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

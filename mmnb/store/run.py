@@ -33,6 +33,7 @@ import torch
 from . import confine
 from .ckptfile import STATE_GROUPS, read_checkpoint, read_summary, write_checkpoint
 from .errors import CorruptCheckpoint, StoreError, StoreWriteError, describe_os_error, reason
+from .image import discard
 from .runfile import (
     CKPT_DIR,
     RUN_FILE,
@@ -362,13 +363,20 @@ class Run:
             warnings.warn(f"{err}; removed from the index", stacklevel=4)
             return False
 
-    def commit(self, state: dict[str, Any], reasons: list[str], tags: list[str] = ()) -> StepInfo:
+    def commit(
+        self,
+        state: dict[str, Any],
+        reasons: list[str],
+        tags: list[str] = (),
+        notify: Callable[[str], None] | None = None,
+    ) -> StepInfo:
         """Write `state` as the checkpoint of its step; return its StepInfo.
 
         A step that is already committed is never rewritten while its file is intact (a
         deterministic resume from an older step recomputes the same state): its reasons are
         merged into the index instead. A corrupt one is moved aside (`<step>.h5.corrupt`) and
-        replaced. A failing disk raises StoreWriteError and leaves the store as it was.
+        replaced (`notify` is told; by default a warning). A failing disk raises
+        StoreWriteError and leaves the store as it was.
         """
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
@@ -384,7 +392,7 @@ class Run:
                 old.reasons, old.tags = merged_reasons, merged_tags
                 self._write_index(f"the index of step {step}")
                 return old
-            self._quarantine(old)
+            self._quarantine(old, notify)
             index.remove(old)
             reasons, tags = merged_reasons, merged_tags
         metrics = state["metrics"]
@@ -412,10 +420,10 @@ class Run:
             os.replace(tmp, final)
             fsync_dir(final.parent)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
             raise self._write_error(err, f"step {step} to {final}", index) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
             raise
         index.append(info)
         index.sort(key=lambda s: s.step)
@@ -430,7 +438,7 @@ class Run:
         except CorruptCheckpoint:
             return False
 
-    def _quarantine(self, info: StepInfo) -> None:
+    def _quarantine(self, info: StepInfo, notify: Callable[[str], None] | None) -> None:
         """Move a corrupt committed file aside (kept for inspection; `mmnb gc` removes it)."""
         path = self.path / info.file
         try:
@@ -439,10 +447,8 @@ class Run:
                 fsync_dir(path.parent)
         except OSError as err:
             raise self._write_error(err, f"step {info.step} to {path}", self._index or []) from None
-        warnings.warn(
-            f"checkpoint {path} was corrupt; moved to {path.name}.corrupt and rewritten",
-            stacklevel=4,
-        )
+        text = f"checkpoint {path} was corrupt; moved to {path.name}.corrupt and rewritten"
+        (notify or (lambda t: warnings.warn(t, stacklevel=5)))(text)
 
     def _write_error(self, err: OSError, what: str, index: list[StepInfo]) -> StoreWriteError:
         newest = max((s.step for s in index), default=None)

@@ -23,7 +23,7 @@ import h5py
 from . import confine, h5guard, jsonio
 from .ckptfile import FORMAT_VERSION, check_version
 from .h5state import ChecksumError, checksum
-from .image import SparseImage, write_file
+from .image import SparseImage, discard, write_file
 
 RUN_FILE = "run.h5"
 CKPT_DIR = "ckpt"
@@ -214,13 +214,13 @@ def write_run_file(folder: Path, meta: dict[str, Any], index: list[StepInfo]) ->
             steps[step_name(info.step)] = h5py.ExternalLink(info.file, "/")
     final = folder / RUN_FILE
     tmp = folder / f".{RUN_FILE}.{os.getpid()}.tmp"
-    tmp.unlink(missing_ok=True)
+    discard(tmp)
     try:
         write_file(tmp, image, [])
         os.replace(tmp, final)
         fsync_dir(folder)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 
