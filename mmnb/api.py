@@ -26,6 +26,9 @@ from .config import (
     resolve,
 )
 from .data import build_dataset, tokenizer_for
+from .events import EventWriter
+from .jobs import recovery
+from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
 from .store import Run, Store, StoreError, check_run_name
@@ -45,7 +48,11 @@ from .validate import (
 Listener = Callable[[Event], None]
 
 # Options a plain resume may change: they do not alter the trajectory, only this session.
-SESSION_FIELDS = ("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every")
+SESSION_FIELDS = (
+    *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
+    *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
+)
 # Stop conditions belong to the session that set them; a resume or branch starts without them.
 _ONE_SESSION = {"stop_at": None, "time_budget": None}
 # Fields whose change on a branch starts a new data stage (epoch 0, position 0, plan from there).
@@ -83,29 +90,63 @@ def train(
     if run is not None:
         check_run_name(run)
     options = _normalise(options)
-    preset = options.pop("preset", "tiny")
-    model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+    source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
-    tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
-    if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
-        # A given tokenizer decides the vocabulary; the embedding follows it.
-        model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
+    if options.get("init_from"):
+        source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
+    else:
+        preset = options.pop("preset", "tiny")
+        model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
+        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
+            # A given tokenizer decides the vocabulary; the embedding follows it.
+            model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
     dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    if source is not None:
+        with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
+            for name, tensor in trainer.model.state_dict().items():
+                tensor.copy_(source.state[name])
     handle = store.create_run(
         run or store.new_name(),
         config_to_dict(model_cfg, train_cfg),
         tokenizer.to_json(),
+        lineage={"init_from": source.lineage} if source is not None else None,
         writer=True,  # locked from its first moment: nobody sees it empty and unlocked
     )
+    stream = None
     try:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
+        for text in notices:
+            trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
-    except BaseException:
+    except BaseException as err:
+        if stream is not None:
+            stream.close(err)
         handle.discard()  # nothing was committed (a full disk, Ctrl-C): the name stays free
         raise
-    return _launch(handle, trainer, start, background)
+    return _launch(handle, trainer, start, background, stream)
+
+
+def _from_weights(
+    store: Store, options: dict[str, Any]
+) -> tuple[Any, ModelConfig, TrainConfig, Tokenizer, list[str]]:
+    """Configs and tokenizer for a run that starts from `options["init_from"]`'s weights."""
+    from . import weights  # reading foreign formats only when asked to
+
+    source = weights.read_source(options["init_from"], store)
+    preset = options.pop("preset", None)
+    model_kw = {k: options.pop(k) for k in list(options) if MODEL_ALIASES.get(k, k) in MODEL_FIELDS}
+    model_cfg, chosen, notices = weights.infer_config(source, preset, model_kw)
+    _, train_cfg = resolve(chosen, **options)
+    tokenizer = weights.tokenizer_for_source(source, train_cfg.tokenizer)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens; {source.where} embeds only "
+            f"{model_cfg.vocab_size}"
+        )
+    return source, model_cfg, train_cfg, tokenizer, notices
 
 
 def resume(
@@ -182,11 +223,12 @@ def resume(
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
-        _attach(handle, trainer, listeners)
+        stream = _attach(handle, trainer, listeners)
         if unstarted:
             try:
                 trainer.checkpoint(["start"])
-            except BaseException:
+            except BaseException as err:
+                stream.close(err)
                 handle.close_writer()
                 raise
         if trainer.finished:
@@ -195,7 +237,7 @@ def resume(
                 text=f"run {handle.name} already finished its plan at step {trainer.step}; "
                 "nothing to train (extend it with more epochs, or branch it)",
             )
-        return _launch(handle, trainer, True, background)
+        return _launch(handle, trainer, True, background, stream)
 
     # ---- extension: a longer plan ----
     notices: list[str] = []
@@ -258,10 +300,10 @@ def resume(
         {"step": trainer.step, "extend_to_epochs": new_epochs, "plan": new_plan.to_dict()}
     )
     handle.update_attrs(config=config_to_dict(model_cfg, extended), history=history)
-    _attach(handle, trainer, listeners)
+    stream = _attach(handle, trainer, listeners)
     for text in notices:
         trainer.emit("notice", text=text)
-    return _launch(handle, trainer, True, background)
+    return _launch(handle, trainer, True, background, stream)
 
 
 def branch(
@@ -352,8 +394,8 @@ def _branch(
         stage=stage,
         writer=True,
     )
-    _attach(handle, trainer, listeners)
-    return _launch(handle, trainer, start, background)
+    stream = _attach(handle, trainer, listeners)
+    return _launch(handle, trainer, start, background, stream)
 
 
 def _restore(
@@ -398,9 +440,18 @@ def _fresh(
     return Trainer(model_cfg, train_cfg, dataset, device=device)
 
 
-def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> None:
+def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:
+    """Connect a trainer to its run: listeners, the saver, and the session's live event stream
+    and control channel (`mmnb.jobs.session`), which the caller closes when training ends."""
     handle.trainer = trainer
+    listeners = list(listeners)
     trainer.listeners.extend(listeners)
+    for listener in listeners:
+        # A listener with controls (a dashboard's Stop button) gets the live handle before
+        # training starts: a blocking run returns it only when training is over.
+        attach = getattr(listener, "attach", None)
+        if callable(attach):
+            attach(handle)
     cfg = trainer.config
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
@@ -413,19 +464,29 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Non
         return info
 
     trainer.saver = save
+    recovery.install(handle, trainer)
+    return open_session(handle, trainer)
 
 
-def _launch(handle: Run, trainer: Trainer, start: bool, background: bool) -> Run:
-    """Train in this thread, in a background thread, or not at all; the lock is released
-    when training ends however it ends."""
+def _launch(
+    handle: Run, trainer: Trainer, start: bool, background: bool, stream: EventWriter
+) -> Run:
+    """Train in this thread, in a background thread, or not at all; the lock is released and
+    the event stream closed when training ends however it ends."""
 
     def fit() -> None:
+        error = None
         try:
             trainer.fit()
+        except BaseException as err:
+            error = err
+            raise
         finally:
+            stream.close(None if isinstance(error, KeyboardInterrupt) else error)
             handle.close_writer()
 
     if not start:
+        stream.close()
         handle.close_writer()
     elif background:
         handle.start_thread(fit)

@@ -5,6 +5,7 @@ mmnb resume [RUN] [--step N] [--epochs E | --more-epochs K]
 mmnb branch RUN [--step N] [--name NEW] [overrides]
 mmnb runs [--json]
 mmnb generate [RUN] [--step N] [--prompt TEXT]
+mmnb export RUN[@STEP] --format minimind|hf|safetensors --out PATH
 
 Fast to answer: torch, h5py and the engine are imported inside the handlers, never at import
 time, so `mmnb --help`, `mmnb train --help` and a mistyped flag take a fraction of a second.
@@ -29,6 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
+    JOB_OPTIONS,
     RUN_OPTIONS,
     SAMPLE_OPTIONS,
     SESSION_OPTIONS,
@@ -56,7 +59,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}  # in the order `mmnb --help` lists them
 # Modules that register more subcommands with @command when imported (kept torch-free at import).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("mmnb.cli_export", "mmnb.cli_jobs")
 
 
 def command(
@@ -149,7 +152,7 @@ def _resume_args(p: argparse.ArgumentParser) -> None:
     extend.add_argument("--epochs", type=int, help="extend the plan to E epochs in all")
     extend.add_argument("--more-epochs", type=int, help="extend the plan by K epochs")
     p.add_argument("--name", dest="new_name", help="name of the run an extension creates")
-    add_options(p, SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS)
+    add_options(p, SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS + JOB_OPTIONS)
 
 
 def _branch_args(p: argparse.ArgumentParser) -> None:
@@ -157,7 +160,7 @@ def _branch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, help="branch point (default: newest checkpoint)")
     p.add_argument("--name", dest="new_name", help="name of the new run")
     options = _without(RUN_OPTIONS, "--preset") + SESSION_OPTIONS + COMMON_OPTIONS
-    add_options(p, options + SAMPLE_OPTIONS)
+    add_options(p, options + SAMPLE_OPTIONS + JOB_OPTIONS)
 
 
 @command("train", "start a new run", _train_args)
@@ -166,7 +169,7 @@ def train_command(args: argparse.Namespace) -> int:
 
     if args.name and args.run_flag and args.name != args.run_flag:
         raise ValueError(f"two run names given: {args.name!r} and {args.run_flag!r}")
-    options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+    options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
     return _session(args, lambda common: api.train(args.name or args.run_flag, **common, **options))
 
 
@@ -201,6 +204,11 @@ def branch_command(args: argparse.Namespace) -> int:
 def _session(args: argparse.Namespace, call: Callable[[dict[str, Any]], Run]) -> int:
     """Train through `call(common keywords)`, with a console bar; print the saved state."""
     from .progress import ConsoleProgress
+
+    if args.detach:  # a process of its own instead (mmnb.cli_jobs)
+        from .cli_jobs import detach_command
+
+        return detach_command(args)
 
     progress = ConsoleProgress()
     common: dict[str, Any] = {"store": args.store, "listeners": [progress]}

@@ -97,6 +97,7 @@ class ModelConfig:
 MOE_ROUTERS = ("minimind3", "minimind2")
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
+ANOMALY_POLICIES = ("stop", "rollback")
 
 
 @dataclass
@@ -104,6 +105,8 @@ class TrainConfig:
     """Everything about a run except the architecture. Flag names in the CLI are these, dashed."""
 
     preset: str = "tiny"  # model preset the run started from (recorded; the model fields rule)
+    init_from: str | None = None  # weights the run started from (.pth, .safetensors, HF folder,
+    # RUN@STEP); None = initialised from the seed. Recorded; the lineage holds the file's SHA-256
     data: str | None = None  # .jsonl / .txt file or folder of .txt; None = the bundled corpus
     tokenizer: str | None = None  # tokenizer.json to load; None = train one on the data
     max_seq_len: int = 256  # tokens per sample
@@ -130,6 +133,11 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
     keep_last: int = 0  # retention: keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
+    # What a refused step (non-finite loss or grad norm, or a spike) leads to (mmnb.jobs.recovery).
+    on_anomaly: str = "stop"  # stop (checkpoint the last good step) | rollback
+    spike_factor: float = 0.0  # refuse a step whose loss is over F x the running mean; 0 = off
+    max_rollbacks: int = 3  # rollback: stop instead after this many rollbacks in the run
+    rollback_lr_scale: float = 1.0  # rollback: multiply the planned lr by this at each rollback
 
     def validate(self) -> None:
         """Raise `InvalidInput` naming the first bad field (see `mmnb.validate`)."""
@@ -156,6 +164,15 @@ class TrainConfig:
             positive("stop_at", self.stop_at)  # a session that stops at step 0 trains nothing
         if self.time_budget is not None:
             positive("time_budget", self.time_budget)
+        one_of("on_anomaly", self.on_anomaly, ANOMALY_POLICIES)
+        non_negative("spike_factor", self.spike_factor)
+        if self.spike_factor and not self.spike_factor > 1.0:
+            raise InvalidInput(
+                f"{{0}} must be above 1 (or 0: off), got {self.spike_factor}", "spike_factor"
+            )
+        non_negative("max_rollbacks", self.max_rollbacks)
+        positive("rollback_lr_scale", self.rollback_lr_scale)
+        in_range("rollback_lr_scale", self.rollback_lr_scale, 0.0, 1.0)
 
 
 # Presets: model fields, plus the training defaults that suit that size.

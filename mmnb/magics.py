@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import types
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,8 @@ from .cli import sample_text, user_errors, user_message
 from .display import NotebookProgress
 from .options import (
     COMMON_OPTIONS,
+    INIT_OPTIONS,
+    JOB_OPTIONS,
     NAME_OPTIONS,
     NOTEBOOK_OPTIONS,
     RUN_OPTIONS,
@@ -118,17 +121,19 @@ class MmnbMagics(Magics):
         super().__init__(shell)
         # Runs trained in this kernel, oldest first, keyed by (store folder, run name).
         self.sessions: dict[tuple[Path, str], _Session] = {}
+        self._dashboards: dict[tuple[Path, str], Any] = {}  # background runs' dashboards
 
     # ---- %train ----
     @magic_arguments()
     @argument("name", nargs="?", metavar="RUN", help="run name (default run-NNN)")
     @_options(
         ("run name", NAME_OPTIONS),
-        ("model and training (mmnb train)", RUN_OPTIONS),
+        ("model and training (mmnb train)", RUN_OPTIONS + INIT_OPTIONS),
         ("this session", SESSION_OPTIONS),
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", NOTEBOOK_OPTIONS),
+        ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
     def train(self, line: str) -> Run | None:
@@ -145,13 +150,17 @@ class MmnbMagics(Magics):
         if args.name and args.run_flag and args.name != args.run_flag:
             raise UsageError(f"two run names given: {args.name!r} and {args.run_flag!r}")
         name = args.name or args.run_flag
-        options = collect(args, RUN_OPTIONS + SESSION_OPTIONS)
+        if args.detach:  # a process of its own that outlives this kernel (mmnb.jobmagics)
+            from .jobmagics import detach_from_magic
+
+            return detach_from_magic("train", args, store)
+        options = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS)
         return self._start(functools.partial(api.train, name, **options), args, store, name)
 
     def _control(self, args: argparse.Namespace, store: Store) -> None:
         if args.status and args.stop:
             raise UsageError("give --status or --stop, not both")
-        given = collect(args, RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
+        given = collect(args, RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS[1:])
         if given or args.background or args.run_flag:
             raise UsageError("--status and --stop take only RUN and --store")
         if args.stop:
@@ -195,6 +204,7 @@ class MmnbMagics(Magics):
         ("store and device", COMMON_OPTIONS),
         ("sample at the end", SAMPLE_OPTIONS),
         ("notebook", BACKGROUND),
+        ("outlive the kernel (mmnb.jobs)", JOB_OPTIONS),
     )
     @line_magic
     def resume(self, line: str) -> Run | None:
@@ -223,6 +233,12 @@ class MmnbMagics(Magics):
                 )
             if args.epochs is not None:
                 overrides["epochs"] = args.epochs
+            if args.detach:
+                from .jobmagics import detach_from_magic
+
+                branch = argparse.Namespace(**vars(args))
+                branch.name, branch.step, branch.new_name = name, step, args.branch
+                return detach_from_magic("branch", branch, store)
             call = functools.partial(api.branch, name, step, args.branch, **overrides, **session)
             return self._start(call, args, store, args.branch)
         if overrides:
@@ -230,6 +246,12 @@ class MmnbMagics(Magics):
             raise UsageError(
                 f"{flag} changes the run's trajectory; add --branch NAME to try it on a new run"
             )
+        if args.detach:
+            from .jobmagics import detach_from_magic
+
+            resumed = argparse.Namespace(**vars(args))
+            resumed.name, resumed.step = name, step
+            return detach_from_magic("resume", resumed, store)
         call = functools.partial(
             api.resume,
             name,
@@ -330,6 +352,8 @@ class MmnbMagics(Magics):
         """Run `call` (api.train/resume/branch) with the notebook's listeners; bind the run."""
         background = args.background
         dashboard = self._dashboard(name)
+        if dashboard is not None and not background:
+            dashboard.serve_clicks()  # Stop / Checkpoint now while this cell blocks
         in_place = not background and self._updates_in_place() and dashboard is None
         progress = NotebookProgress(show=in_place, run=name)
         listeners: list[Callable] = [progress]
@@ -344,18 +368,29 @@ class MmnbMagics(Magics):
             run = call(**kwargs)
             if dashboard is not None:
                 dashboard.attach(run)  # its Stop and Checkpoint buttons act on this run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             _close(listeners)
             self._interrupted(progress, store)
+            if dashboard is not None:
+                dashboard.freeze()
+            err._mmnb_short_traceback = True  # type: ignore[attr-defined]  # see _short_tb
             raise
-        except USER_ERRORS as err:
+        except BaseException as err:
             _close(listeners)
-            raise UsageError(user_message(err)) from None
+            if dashboard is not None:
+                # Never left at "waiting for training to start": gone when nothing started,
+                # else it says how training ended.
+                dashboard.discard() if dashboard.state == "waiting" else dashboard.fail(err)
+            if isinstance(err, USER_ERRORS):
+                raise UsageError(user_message(err)) from None
+            raise
         key = (store.path.resolve(), run.name)
         self.sessions.pop(key, None)  # re-inserted: the newest session comes last
         self.sessions[key] = _Session(run, progress, background)
         self.shell.push({BOUND_NAME: run})
         if background:
+            if dashboard is not None:  # frozen by report_finished once training has ended
+                self._dashboards[key] = dashboard
             for text in progress.notices:
                 print(f"note: {text}")
             print(
@@ -364,6 +399,8 @@ class MmnbMagics(Magics):
             )
             return run
         _close(listeners)
+        if dashboard is not None:
+            dashboard.freeze()  # a saved notebook shows the final state, not the first frame
         if run.trainer is not None and len(listeners) > 1:
             # The tqdm bar is done; a later %checkpoint must not print through it again.
             run.trainer.listeners.remove(listeners[1])
@@ -389,12 +426,9 @@ class MmnbMagics(Magics):
         `mmnb.widgets`, displayed now; None elsewhere (terminal IPython, tests' shells)."""
         if getattr(self.shell, "kernel", None) is None:
             return None
-        from IPython.display import display
-
         from .widgets import Dashboard  # ipywidgets and matplotlib only when a kernel asks
 
-        dashboard = Dashboard(name)
-        display(dashboard)
+        dashboard = Dashboard(name).show()
         return dashboard
 
     def _updates_in_place(self) -> bool:
@@ -440,6 +474,10 @@ class MmnbMagics(Magics):
             if session.unannounced and not session.training:
                 run, snap = session.run, session.progress.snapshot
                 session.announced()
+                key = (run.store.path.resolve(), run.name)
+                dashboard = self._dashboards.pop(key, None)
+                if dashboard is not None:
+                    dashboard.freeze()  # from the main thread, now that training has ended
                 if run.error is not None:
                     print(
                         f"background run {run.name} failed after step {snap.step}: "
@@ -529,7 +567,12 @@ def load_ipython_extension(ip: Any) -> None:
         return
     magics = MmnbMagics(ip)
     ip.register_magics(magics)
+    from .jobmagics import JobMagics  # %attach, %queue, %pipeline
+
+    ip.register_magics(JobMagics(ip))
     ip.events.register("post_run_cell", magics.report_finished)
+    if not ip.custom_exceptions:  # never replace a handler the user installed
+        ip.set_custom_exc((KeyboardInterrupt,), _short_tb)
 
 
 def unload_ipython_extension(ip: Any) -> None:
@@ -538,10 +581,38 @@ def unload_ipython_extension(ip: Any) -> None:
     if magics is None:
         return
     ip.events.unregister("post_run_cell", magics.report_finished)
-    for kind, names in magics.magics.items():
-        for name in names:
-            ip.magics_manager.magics[kind].pop(name, None)
-    ip.magics_manager.registry.pop(type(magics).__name__, None)
+    if ip.custom_exceptions == (KeyboardInterrupt,) and _is_ours(ip.CustomTB):
+        ip.set_custom_exc((), None)
+    jobs = ip.magics_manager.registry.get("JobMagics")
+    for each in (magics, jobs):
+        if each is None:
+            continue
+        if hasattr(each, "close"):
+            each.close()
+        for kind, names in each.magics.items():
+            for name in names:
+                ip.magics_manager.magics[kind].pop(name, None)
+        ip.magics_manager.registry.pop(type(each).__name__, None)
+
+
+def _short_tb(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
+    """An interrupt of training shows its one line (printed by the magic) and the cell's own
+    frame — not ~100 lines through magics, the API, the trainer and autograd. It is still a
+    KeyboardInterrupt, so "Run All" stops at this cell; other interrupts are shown as always."""
+    if not getattr(value, "_mmnb_short_traceback", False):
+        shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+        return None
+    cell = tb.tb_next or tb  # the first frame is IPython's run_code, the next the cell's
+    short = types.TracebackType(None, cell.tb_frame, cell.tb_lasti, cell.tb_lineno)
+    stb = shell.InteractiveTB.structured_traceback(etype, value, short, tb_offset=0)
+    shell._showtraceback(etype, value, stb)
+    return None
+
+
+def _is_ours(handler: Any) -> bool:
+    # IPython wraps the handler in a closure; its cell holds ours.
+    cells = getattr(getattr(handler, "__func__", None), "__closure__", None) or ()
+    return any(getattr(c, "cell_contents", None) is _short_tb for c in cells)
 
 
 def _loaded(ip: Any) -> MmnbMagics | None:

@@ -58,6 +58,16 @@ RUN_OPTIONS: list[Option] = [
     _opt("--top-k", type=int, help="experts per token"),
 ]
 
+# Where a new run's weights come from (train only: a branch starts from its parent).
+INIT_OPTIONS: list[Option] = [
+    _opt(
+        "--init-from",
+        metavar="WEIGHTS",
+        help="start from weights: a MiniMind .pth, a .safetensors file, a Hugging Face model "
+        "folder, or RUN@STEP (config inferred from the shapes)",
+    ),
+]
+
 # Options that only shape this session (allowed on a plain resume too).
 SESSION_OPTIONS: list[Option] = [
     _opt("--save-every", type=int, help="checkpoint every K optimizer steps"),
@@ -66,6 +76,15 @@ SESSION_OPTIONS: list[Option] = [
     _opt("--keep-last", type=int, help="retention: keep the newest N checkpoints"),
     _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
     _opt("--log-every", type=int, help="steps between progress updates"),
+    _opt(
+        "--on-anomaly",
+        choices=["stop", "rollback"],
+        help="on a non-finite loss/grad norm or a spike: stop (default) or roll back to the "
+        "newest good checkpoint, skipping the data since",
+    ),
+    _opt("--spike-factor", type=float, help="a loss over F x its running mean is an anomaly"),
+    _opt("--max-rollbacks", type=int, help="rollback: stop after this many (default 3)"),
+    _opt("--rollback-lr-scale", type=float, help="rollback: multiply the lr by this each time"),
 ]
 
 COMMON_OPTIONS: list[Option] = [
@@ -88,8 +107,25 @@ SAMPLE_OPTIONS: list[Option] = [
 ]
 
 # Every option of `mmnb train`; `%train` has these and NOTEBOOK_OPTIONS (tests check both).
+# Train in a process of its own that outlives this kernel or terminal (mmnb.jobs.detach).
+JOB_OPTIONS: list[Option] = [
+    _opt(
+        "--detach",
+        action="store_true",
+        default=False,
+        help="train in a detached process that outlives this kernel/terminal "
+        "(follow it with %%attach RUN or mmnb watch RUN)",
+    ),
+]
+
 TRAIN_OPTIONS: list[Option] = (
-    NAME_OPTIONS + RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    NAME_OPTIONS
+    + RUN_OPTIONS
+    + INIT_OPTIONS
+    + SESSION_OPTIONS
+    + COMMON_OPTIONS
+    + SAMPLE_OPTIONS
+    + JOB_OPTIONS
 )
 
 # `%train` only: a terminal process has no notebook to keep usable while it trains.
@@ -152,7 +188,8 @@ def flag_name(field: str) -> str:
 
 def _flags() -> dict[str, str]:
     flags = dict(_EXTRA_FLAGS)
-    tables = RUN_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS + NAME_OPTIONS
+    tables = RUN_OPTIONS + INIT_OPTIONS + SESSION_OPTIONS + COMMON_OPTIONS + SAMPLE_OPTIONS
+    tables += NAME_OPTIONS
     for opt_flags, kwargs in tables:
         flag = opt_flags[0]
         dest = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")

@@ -65,7 +65,7 @@ class ConsoleProgress:
             self.write(f"note: {info['text']}")
         elif event.kind == "checkpoint" and info.get("saved") is not None:
             reasons = set(info["reasons"])
-            if reasons & {"interrupt", "time_budget", "stop_at", "requested", "end"}:
+            if reasons & {"interrupt", "time_budget", "stop_at", "requested", "stop", "end"}:
                 saved = info["saved"]
                 self.write(f"checkpoint: step {saved.step} ({', '.join(saved.reasons)})")
         elif event.kind == "stop":

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,19 +31,11 @@ import torch
 
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
+from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .schedule import Plan
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
-
-
-@dataclass
-class Event:
-    """What the trainer tells front-ends. It never prints; they render."""
-
-    kind: str  # start | step | epoch | checkpoint | notice | stop
-    step: int  # optimizer steps completed
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -70,26 +62,40 @@ class Anomaly:
     loss: float  # mean loss over the accumulation window
     grad_norm: float  # total gradient norm before clipping
     lr: float
+    # What `Trainer.spike_check` found wrong with finite values (a loss spike); None when the
+    # loss or gradient norm is non-finite.
+    reason: str | None = None
 
     @property
     def what(self) -> str:
+        if self.reason is not None:
+            return "loss spike"
         return "loss" if not math.isfinite(self.loss) else "gradient norm"
 
     def __str__(self) -> str:
-        value = self.loss if self.what == "loss" else self.grad_norm
-        return (
-            f"non-finite {self.what} ({value}) at step {self.step} (lr {self.lr:.3g}); "
-            "training stopped before the optimizer step"
-        )
+        if self.reason is not None:
+            found = f"{self.reason} at step {self.step}"
+        else:
+            value = self.loss if self.what == "loss" else self.grad_norm
+            found = f"non-finite {self.what} ({value}) at step {self.step}"
+        return f"{found} (lr {self.lr:.3g}); training stopped before the optimizer step"
 
 
 class AnomalyAction:
     STOP = "stop"
     SKIP = "skip"
+    # The policy restored the trainer to an earlier boundary (mmnb.jobs.recovery's rollback):
+    # this step's gradients are dropped and the loop goes on from the restored state.
+    ROLLBACK = "rollback"
+
+
+class _RolledBack(Exception):
+    """Unwinds a refused step to `fit()`'s loop after a rollback policy restored the state."""
 
 
 class NonFiniteError(ArithmeticError):
-    """Training stopped at a non-finite loss or gradient norm (the default anomaly policy)."""
+    """Training stopped at an anomaly (the default policy): a non-finite loss or gradient
+    norm, or a loss spike that `Trainer.spike_check` refused."""
 
     def __init__(self, anomaly: Anomaly, newest_checkpoint: int | None = None) -> None:
         text = str(anomaly)
@@ -109,7 +115,9 @@ class StopReason:
     DONE = "done"  # the plan's last step
     STOP_AT = "stop_at"
     TIME_BUDGET = "time_budget"
-    REQUESTED = "requested"  # stop() from another thread or a Stop button
+    REQUESTED = "stop"  # stop() from another thread or a Stop button (not "requested": that
+    # is a checkpoint asked for with request_checkpoint, and training goes on after it)
+    FAILED = "failed"  # an exception ended training (the stop event carries `error`)
 
 
 def plan_for(train: TrainConfig, steps_per_epoch: int, start: int = 0) -> Plan:
@@ -225,12 +233,22 @@ class Trainer:
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
         # Steps whose committed checkpoint is corrupt: checkpointed again when reached.
         self.repair_steps: set[int] = set()
+        # Called with (trainer, loss) for a step with finite values: a reason to refuse it
+        # (a loss spike) or None. Installed by mmnb.jobs.recovery for --spike-factor.
+        self.spike_check: Callable[[Trainer, float], str | None] | None = None
+        # Called at every optimizer-step boundary before the next step: recorded recoveries
+        # are applied there, so a resume or a replay takes the same path (mmnb.jobs.recovery).
+        self.at_boundary: Callable[[Trainer], None] | None = None
+        # Test hook: the loss of this optimizer step (1-based) is made NaN once, before the
+        # backward pass, as a real fault would be ($MMNB_FAULT_NONFINITE_STEP, mmnb.jobs).
+        self.inject_nonfinite: int | None = None
         self._stop = threading.Event()
         self._requests: list[tuple[Future, list[str]]] = []  # checkpoints asked for from outside
         self._requests_lock = threading.Lock()
         self._running = False  # inside fit(); guarded by _requests_lock
         self._order: tuple[int, np.ndarray] | None = None
         self._guard = _InterruptGuard()
+        self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
 
     # ---- control from other threads / front-ends ----
@@ -256,6 +274,7 @@ class Trainer:
         return taken
 
     def emit(self, kind: str, **info: Any) -> None:
+        self._stop_said = self._stop_said or kind == "stop"
         event = Event(kind, self.step, info)
         for listener in list(self.listeners):
             listener(event)
@@ -273,8 +292,14 @@ class Trainer:
         """
         with self._requests_lock:
             self._running = True
+        self._stop_said = False
         try:
             return self._fit()
+        except Exception as err:
+            # Front-ends must not keep showing "training": say how it ended, then re-raise.
+            if not self._stop_said:
+                self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             with self._requests_lock:  # from here on a request is answered by the caller
                 self._running = False
@@ -298,8 +323,13 @@ class Trainer:
                     reason = self._stop_reason(start)
                     if reason is not None:
                         break
+                    if self.at_boundary is not None:
+                        self.at_boundary(self)
                     t0 = time.perf_counter()
-                    self._train_step()
+                    try:
+                        self._train_step()
+                    except _RolledBack:
+                        continue  # from the restored boundary (its own elapsed time)
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -400,6 +430,9 @@ class Trainer:
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
                 out = model(input_ids, labels, generator=generator)
+            if self.inject_nonfinite == self.step + 1 and micro == 0:
+                self.inject_nonfinite = None
+                out.loss = out.loss * float("nan")
             (out.loss / cfg.accum).backward()
             loss_sum += out.loss.detach()
             tokens += input_ids.numel()
@@ -412,6 +445,8 @@ class Trainer:
         apply = True
         if not (math.isfinite(loss) and math.isfinite(grad_norm.item())):
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
+        elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
+            apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -443,12 +478,17 @@ class Trainer:
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
-        action = self.on_anomaly(self, anomaly)
+        with self._guard.critical():  # a rollback restores the whole state or nothing
+            action = self.on_anomaly(self, anomaly)
         if action == AnomalyAction.SKIP:
             return False
         self.optimizer.zero_grad(set_to_none=True)
+        if action == AnomalyAction.ROLLBACK:
+            raise _RolledBack
         if action != AnomalyAction.STOP:
-            raise ValueError(f"anomaly policy returned {action!r}; expected 'stop' or 'skip'")
+            raise ValueError(
+                f"anomaly policy returned {action!r}; expected 'stop', 'skip' or 'rollback'"
+            )
         error = NonFiniteError(anomaly, self.saved_step)
         self.emit("stop", reason="anomaly", text=str(error))
         raise error

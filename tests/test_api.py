@@ -40,7 +40,7 @@ def test_checkpoint_and_stop_while_training_in_background(store, micro):
     run.stop()
     assert not run.training
     latest = run.latest()
-    assert "requested" in latest.reasons and latest.step < run.trainer.plan.end
+    assert "stop" in latest.reasons and latest.step < run.trainer.plan.end
     assert run.status() == "stopped"
     idle = run.checkpoint(tags=["again"])  # idle: saved at once (same step, reasons merged)
     assert idle.step == latest.step and "again" in idle.tags

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from conftest import mmnb as mmnb_cli
 from mmnb.store import Store
 
 TIMEOUT = 120
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @contextlib.contextmanager
@@ -115,10 +117,21 @@ def test_interrupt_restart_resume_equals_an_uninterrupted_run(tmp_path, micro):
             f"interrupted: step {latest.step} of run a is checkpointed in "
             f"{store.path / 'a' / 'run.h5'} (%resume a continues it)"
         ]
-        # ONE display for the whole training: the dashboard widget, updated through its comm.
+        # What the user sees: that line and a short traceback of the cell, not ~100 lines
+        # through magics, the API, the trainer and autograd.
+        errors = [m["content"] for m in messages if m["msg_type"] == "error"]
+        assert [e["ename"] for e in errors] == ["KeyboardInterrupt"]
+        shown = ANSI.sub("", "\n".join(errors[0]["traceback"])).splitlines()
+        assert 1 + len(shown) <= 15, shown
+        assert "train.py" not in "\n".join(shown) and "%train" not in shown[-1]
+        # ONE display for the whole training: the dashboard widget, updated through its comm,
+        # and at the end given the final state as its static fallback (a saved notebook).
         displays = [m for m in messages if "display" in m["msg_type"]]
-        assert [m["msg_type"] for m in displays] == ["display_data"]
+        assert [m["msg_type"] for m in displays] == ["display_data", "update_display_data"]
         assert "application/vnd.jupyter.widget-view+json" in displays[0]["content"]["data"]
+        final = displays[-1]["content"]["data"]
+        assert f"saved step {latest.step}" in final["text/plain"]
+        assert "interrupted" in final["text/plain"] and "<img" in final["text/html"]
 
         km.restart_kernel(now=False)
         kc.wait_for_ready(timeout=TIMEOUT)
@@ -180,3 +193,52 @@ def test_background_training_in_a_kernel_equals_blocking(tmp_path, micro, thread
     fg = store.run("fg").load()
     assert_same_state(store.run("quiet").load(), fg)
     assert_same_state(store.run("bg").load(), fg)
+
+
+def _widget_comm(kc: Any, description: str, deadline: float) -> str:
+    """The comm id of the widget whose state has `description` (a button), from iopub."""
+    while time.monotonic() < deadline:
+        msg = kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["msg_type"] == "comm_open":
+            if msg["content"]["data"].get("state", {}).get("description") == description:
+                return msg["content"]["comm_id"]
+    raise AssertionError(f"no widget {description!r} was displayed")
+
+
+def _click(kc: Any, comm_id: str) -> None:
+    """What the browser sends when a button is clicked."""
+    content = {"comm_id": comm_id, "data": {"method": "custom", "content": {"event": "click"}}}
+    kc.shell_channel.send(kc.session.msg("comm_msg", content))
+
+
+def test_stop_and_checkpoint_buttons_work_during_a_blocking_train(tmp_path, micro):
+    """The dashboard's clicks are handled while `%train` blocks the cell (a helper subshell of
+    ipykernel 7); training stays in the main thread and stops with a checkpoint."""
+    store = Store(tmp_path / "store")
+    options = " ".join(cli_args(micro))
+    with kernel(tmp_path) as (_, kc):
+        msg_id = kc.execute(f"%train a --max-steps 100000 --no-sample {options}")
+        deadline = time.monotonic() + TIMEOUT
+        stop = _widget_comm(kc, "Stop", deadline)
+        save = _widget_comm(kc, "Checkpoint now", deadline)
+        while time.monotonic() < deadline:  # training has begun
+            with contextlib.suppress(mmnb.StoreError):
+                if store.run("a").is_locked() and len(store.run("a").steps()) >= 1:
+                    break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        _click(kc, save)
+        while time.monotonic() < deadline:
+            if any("requested" in s.reasons for s in store.run("a").steps()):
+                break
+            time.sleep(0.05)
+        _click(kc, stop)
+        reply = kc.get_shell_msg(timeout=TIMEOUT)
+        while reply["parent_header"].get("msg_id") != msg_id:
+            reply = kc.get_shell_msg(timeout=TIMEOUT)
+        assert reply["content"]["status"] == "ok"  # a Stop is not an error: Run All goes on
+    steps = store.run("a").steps()
+    # (the Stop may land at the very boundary the requested checkpoint was taken at)
+    assert any("requested" in s.reasons for s in steps), steps
+    assert "stop" in steps[-1].reasons and steps[-1].step < 100000
+    assert store.run("a").status() == "stopped"

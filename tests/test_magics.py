@@ -248,7 +248,7 @@ def test_background_status_checkpoint_and_stop(ip, opts, tmp_path):
     assert "bg  [run bg · step" in cap.stdout
     _, cap = cell(ip, f"%train --stop bg --store {store.path}")
     latest = store.run("bg").latest()
-    assert "requested" in latest.reasons and latest.step >= info.step
+    assert "stop" in latest.reasons and latest.step >= info.step
     assert (
         cap.stdout.strip()
         == f"stopped run bg at step {latest.step}: {store.path / 'bg' / latest.file}"

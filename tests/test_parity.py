@@ -95,3 +95,36 @@ def test_preset_matches_its_minimind_generation(preset: str) -> None:
     mine = MiniMind(cfg, seed=5)
     mine.load_state_dict(other.state_dict(), strict=True)
     assert torch.equal(mine.eval()(x).logits, other(x).logits)
+
+
+@pytest.mark.parametrize("preset", ["minimind2-small", "minimind3-moe"])
+def test_pth_both_ways_with_minimind(preset, tmp_path, small_corpus):
+    """`export --format minimind` loads into MiniMind (strict) and computes the same; a .pth
+    saved exactly as MiniMind's trainers save it starts an mmnb run with identical weights."""
+    import mmnb
+    from mmnb.export import export
+
+    generation = GENERATION[preset]
+    module = _minimind_module(generation)
+    store = mmnb.Store(tmp_path / "store")
+    sizes = dict(MICRO, vocab_size=300, max_seq_len=32, batch_size=4, data=str(small_corpus))
+    mmnb.train("a", store=store, preset=preset, max_steps=3, **sizes)
+    cfg = mmnb.load_model(store.run("a"))[0].config
+    theirs = module.MiniMindForCausalLM(_their_config(module, generation, cfg)).eval()
+    path = export(store.run("a"), format="minimind", out=tmp_path / "a.pth", dtype="fp32").path
+    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    ours = mmnb.load_model(store.run("a"))[0]
+    x = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours(x).logits, theirs(x).logits)
+
+    # MiniMind's trainers: torch.save({k: v.half().cpu() for k, v in state_dict.items()}, ckp)
+    torch.manual_seed(3)
+    fresh = module.MiniMindForCausalLM(_their_config(module, generation, cfg))
+    torch.save({k: v.half().cpu() for k, v in fresh.state_dict().items()}, tmp_path / "mm.pth")
+    (tmp_path / "tokenizer.json").write_text(store.run("a").tokenizer_json(), encoding="utf-8")
+    # Sizes given (heads: a MiniMind2 .pth does not say them) must agree with the shapes.
+    run = mmnb.train("b", store=store, init_from=str(tmp_path / "mm.pth"), start=False, **sizes)
+    got = run.load(0, groups=("model",))["model"]
+    assert all(torch.equal(got[k], v.half().float()) for k, v in fresh.state_dict().items())
+    fresh.load_state_dict({k: v.half().float() for k, v in fresh.state_dict().items()})
+    assert torch.equal(mmnb.load_model(run)[0](x).logits, fresh.eval()(x).logits)

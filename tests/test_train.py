@@ -143,8 +143,8 @@ def test_stop_and_checkpoint_requests_from_outside(small_corpus):
             trainer.stop()
 
     trainer.listeners.append(control)
-    assert trainer.fit() == "requested"
-    assert saves == [(3, ["requested"]), (5, ["requested"])]  # at the very boundary
+    assert trainer.fit() == "stop"
+    assert saves == [(3, ["requested"]), (5, ["stop"])]  # at the very boundary
 
 
 def test_rng_state_round_trip():

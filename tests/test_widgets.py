@@ -58,13 +58,72 @@ def test_dashboard_shows_events_and_a_png():
     assert dash.checkpoints[-1] == (5, pytest.approx(4.5))
     dash(_events()[-1])  # stop forces a final draw, however recent the last one was
     assert dash.bar.value == dash.bar.max == 10
-    assert "step 10/10" in dash.label.value and "done" in dash.label.value
+    assert "step 10/10" in dash.label.value and "finished at step 10" in dash.label.value
+    assert "#2e7d32" in dash.label.value  # green: finished
     assert bytes(dash.image.value).startswith(PNG)
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
-    assert bundle["text/plain"].endswith("done")
+    assert bundle["text/plain"].endswith("finished at step 10")
+    assert "data:image/png;base64," in bundle["text/html"]  # the static fallback: the plot
     assert dash.stop_button.disabled  # nothing to stop any more
     dash.close()
+
+
+def test_dashboard_axes_follow_the_data_and_the_plan_end_is_a_marker():
+    dash = Dashboard(plot_interval=0, budget=1.0)  # draw on every event
+    dash(Event("start", 0, {"total": 4080, "steps_per_epoch": 408}))
+    for step in range(1, 21):
+        dash(Event("step", step, {"loss": 7 - step / 10, "lr": 1e-3, "tokens": 64 * step,
+                                  "grad_norm": 1.0}))  # fmt: skip
+    ax = dash.plot.axes["loss"]
+    x0, x1 = ax.get_xlim()
+    assert (20 - 1) / (x1 - x0) >= 0.5  # the curve spans most of the width, not 20/4080
+    assert "plan ends at 4,080" in dash.plot.axes["tokens/s"].get_xlabel()
+    assert set(dash.plot.axes) == {"loss", "lr", "grad norm", "tokens/s"}
+    x, y = dash.plot._artists["grad_norm"][1].get_data()
+    assert len(x) == 20 and y[-1] == 1.0
+    # crisp: the PNG has twice the pixels of the size it is shown at
+    width, height = dash.plot.css_size
+    png = bytes(dash.image.value)
+    assert int.from_bytes(png[16:20], "big") == 2 * width
+    assert dash.image.layout.width == f"{width}px"
+    # log scale and smoothing redraw at once
+    dash.scale.value = True
+    assert ax.get_yscale() == "log"
+    raw = dash.plot._artists["loss_raw"][1].get_data()[1]
+    dash.smoothing.value = 0.9
+    smooth = dash.plot._artists["loss"][1].get_data()[1]
+    assert smooth[-1] > raw[-1]  # a falling curve, smoothed, lags behind
+    dash.smoothing.value = 0.0
+    assert not dash.plot._artists["loss_raw"][1].get_visible()
+
+
+def test_dashboard_final_line_is_the_saved_state():
+    """Step events are throttled (log_every); the checkpoint an interrupt commits is the truth."""
+    dash = Dashboard()
+    dash(Event("start", 0, {"total": 4080}))
+    for step in (10, 20):
+        dash(Event("step", step, {"loss": 5.0, "lr": 2e-3, "tokens": 64 * step}))
+    saved = StepInfo(step=24, file="ckpt/00000024.h5", run="long", reasons=["interrupt"],
+                     loss=4.933, lr=1.9e-3)  # fmt: skip
+    dash(Event("checkpoint", 24, {"reasons": ["interrupt"], "tags": [], "saved": saved}))
+    dash(Event("stop", 24, {"reason": "interrupt"}))
+    text = dash.text()
+    assert "step 24/4080" in text and "loss 4.9330" in text and "lr 1.90e-03" in text
+    assert text.endswith("saved step 24 · interrupted: step 24 is saved")
+    assert dash.bar.bar_style == "warning" and "#ef6c00" in dash.label.value  # orange
+    stopped = Dashboard()
+    stopped(Event("start", 30, {"total": 100}))
+    stopped(Event("stop", 39, {"reason": "stop_at"}))
+    assert "stopped at step 30 as asked" in stopped.text()
+    failed = Dashboard()
+    failed(Event("start", 0, {"total": 100}))
+    failed(Event("stop", 3, {"reason": "failed", "error": "RuntimeError: boom"}))
+    assert failed.text().endswith("failed after step 0: RuntimeError: boom")
+    assert failed.bar.bar_style == "danger"
+    never = Dashboard()
+    never.fail(ValueError("--lr must be positive"))
+    assert never.state == "failed" and "--lr must be positive" in never.text()
 
 
 def test_dashboard_redraws_are_throttled():
@@ -105,13 +164,14 @@ def test_dashboard_stop_and_checkpoint_buttons_on_background_run(store, micro):
     assert not dash.checkpoint_button.disabled
     dash.checkpoint_button.click()
     dash.wait(timeout=60)
-    assert "checkpoint committed: bg step" in _log_text(dash)
+    assert "(checkpoint you requested)" in dash.controls_note.value  # next to the button
     dash.stop_button.click()
     run.wait(timeout=60)
     steps = run.steps()
-    assert any("requested" in s.reasons for s in steps)
+    assert any("requested" in s.reasons for s in steps)  # Checkpoint now
+    assert "stop" in steps[-1].reasons  # Stop
     assert steps[-1].step < 100_000 and run.status() == "stopped"
-    assert dash.state == "requested" and dash.stop_button.disabled
+    assert dash.state == "stop" and dash.stop_button.disabled
 
 
 def test_dashboard_attach_shows_history_before_the_session(store, micro):

@@ -19,7 +19,7 @@ from .ckptfile import read_summary
 from .errors import StoreError, reason
 from .run import PARSE_ERRORS, Run, _ckpt_step, _is_tmp
 from .runfile import CKPT_DIR, RUN_FILE, step_info
-from .store import Store, pid_alive, tmp_pid
+from .store import STORE_FILES, Store, pid_alive, tmp_pid
 
 
 @dataclass
@@ -55,7 +55,7 @@ def plan(store: Store) -> tuple[list[Garbage], list[str]]:
         if pid is not None and not pid_alive(pid):
             items.append(Garbage(entry, f"an interrupted run creation (process {pid} is gone)"))
     for entry in sorted(store.path.iterdir()):
-        if not confine.RUN_NAME.match(entry.name):
+        if not confine.RUN_NAME.match(entry.name) or entry.name in STORE_FILES:
             continue
         try:
             if not confine.real_dir(entry, "run folder"):

@@ -85,6 +85,19 @@ class Run:
     def __repr__(self) -> str:
         return f"<mmnb.Run {self.name!r} at {self.path}>"
 
+    # One line in a notebook (Out[n]) instead of the raw repr; the words live in describe.py.
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        from ..describe import run_line
+
+        printer.text(run_line(self))
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        from ..describe import run_line
+
+        return f"<code>{escape(run_line(self))}</code>"
+
     @property
     def run_file(self) -> Path:
         return self.path / RUN_FILE
@@ -117,9 +130,10 @@ class Run:
         return (p["run"], int(p["step"])) if p else None
 
     def info(self) -> dict[str, Any]:
-        """Run-level attributes decoded: config, parent, stage, history, created."""
+        """Run-level attributes decoded: config, parent, stage, history, lineage, created."""
         meta = self._meta()
-        return {k: meta[k] for k in ("config", "parent", "stage", "history", "created")}
+        keys = ("config", "parent", "stage", "history", "lineage", "created")
+        return {k: meta[k] for k in keys}
 
     def tokenizer_json(self) -> str:
         return self._meta()["tokenizer"]

@@ -121,10 +121,14 @@ _ATTRS: dict[str, tuple[type, bool]] = {
     "parent": (str, True),
     "stage": (str, True),
     "history": (str, True),
+    "lineage": (str, True),  # where the weights came from (`--init-from`), {} otherwise
     "tokenizer": (str, False),
     "created": (float, False),
     "index": (str, True),
 }
+
+
+_OPTIONAL = {"lineage"}  # absent from runs written before it existed
 
 
 def _canonical(raw: dict[str, Any]) -> str:
@@ -139,10 +143,15 @@ def read_run_file(path: Path, name: str) -> tuple[dict[str, Any], list[StepInfo]
         unknown = sorted(set(f.attrs.keys()) - known)
         if unknown:
             raise ValueError(f"unexpected attribute {unknown[0]!r}")
-        raw = {key: h5guard.read_attr(f, key, kind) for key, (kind, _) in _ATTRS.items()}
+        raw = {
+            key: h5guard.read_attr(f, key, kind)
+            for key, (kind, _) in _ATTRS.items()
+            if key not in _OPTIONAL or h5guard.has_attr(f, key)
+        }
         if version >= 2 and checksum(_canonical(raw)) != h5guard.read_attr(f, "xxh3", str):
             raise ChecksumError("checksum mismatch in the run's metadata and index")
     meta = {k: jsonio.loads(v) if _ATTRS[k][1] else v for k, v in raw.items() if k != "index"}
+    meta.setdefault("lineage", {})
     if meta["name"] != name:
         raise ValueError(f"it names run {meta['name']!r}, not {name!r}")
     _check_meta(meta)
@@ -180,6 +189,8 @@ def _check_meta(meta: dict[str, Any]) -> None:
         and isinstance(stage.get("reset_data"), bool)
     ):
         raise ValueError(f"invalid stage {stage!r}")
+    if not isinstance(meta["lineage"], dict):
+        raise ValueError("lineage is not an object")
     if not isinstance(meta["history"], list) or not all(
         isinstance(h, dict) for h in meta["history"]
     ):
@@ -198,6 +209,7 @@ def write_run_file(folder: Path, meta: dict[str, Any], index: list[StepInfo]) ->
         "parent": jsonio.dumps_state(meta["parent"]),
         "stage": jsonio.dumps_state(meta["stage"]),
         "history": jsonio.dumps_state(meta["history"]),
+        "lineage": jsonio.dumps_state(meta.get("lineage") or {}),
         "tokenizer": meta["tokenizer"],
         "created": float(meta["created"]),
         # measurements (a skipped step's loss) may be non-finite: null in JSON

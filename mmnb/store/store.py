@@ -26,6 +26,12 @@ from .runfile import fsync_dir, write_run_file
 STORE_LOCK = ".lock"
 LOCK_TIMEOUT = 60.0  # the store lock is held for milliseconds (index reads, renames, unlinks)
 
+# Files of the store's own with names a run could have: the job queue (mmnb.jobs.queue) and
+# the worker's lock. Never listed as runs.
+STORE_FILES = frozenset(
+    {"queue.sqlite", "queue.sqlite-wal", "queue.sqlite-shm", "queue.sqlite-journal", "worker.lock"}
+)
+
 
 def default_store_path() -> Path:
     return Path(os.environ.get("MMNB_STORE") or "mmnb-runs")
@@ -66,8 +72,8 @@ class Store:
             return []
         runs = []
         for entry in sorted(self.path.iterdir()):
-            if not confine.RUN_NAME.match(entry.name):
-                continue  # the store's own files (.lock, temporary folders), not runs
+            if not confine.RUN_NAME.match(entry.name) or entry.name in STORE_FILES:
+                continue  # the store's own files (.lock, temporary folders, queue), not runs
             try:
                 if confine.real_dir(entry, "run folder") and confine.regular_file(
                     entry / RUN_FILE, "run file"
@@ -171,6 +177,7 @@ class Store:
         parent: tuple[str, int] | None = None,
         stage: dict[str, Any] | None = None,
         writer: bool = False,
+        lineage: dict[str, Any] | None = None,
     ) -> Run:
         """Create `<store>/<name>/` with its run file; fails if the name is taken.
 
@@ -187,6 +194,7 @@ class Store:
             "parent": {"run": parent[0], "step": parent[1]} if parent else None,
             "stage": stage or {"start": 0, "reset_data": False},
             "history": [],
+            "lineage": lineage or {},
             "tokenizer": tokenizer_json,
             "created": time.time(),
         }

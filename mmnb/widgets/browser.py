@@ -26,12 +26,14 @@ from .actions import Actions
 from .catalog import Catalog, RunEntry
 from .compare import Compare
 from .dashboard import Dashboard
+from .exporter import ExportTab
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
+from .queue import QueueTab
 from .sampler import Sampler
 
-TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Compare")
+TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Export", "Compare", "Queue")
 
 
 def _size(n: int) -> str:
@@ -89,14 +91,25 @@ class Browser:
                        color="#7f7f7f", alpha=0.7)  # fmt: skip
         self.plot.line("branches", "loss", static=True, linestyle="none", marker="v",
                        markersize=7, color="#9467bd")  # fmt: skip
+        # Automatic recoveries (rollbacks, mmnb.jobs.recovery) where they returned to.
+        self.plot.line("recoveries", "loss", static=True, linestyle="none", marker="X",
+                       markersize=8, color="#ff7f0e")  # fmt: skip
         self.plot.line("at", "loss", linestyle="none", marker="o", markersize=8, color="#d62728")
         self.plot.line("at_lr", "lr", linestyle="none", marker="o", markersize=6, color="#d62728")
 
         self.sampler = Sampler(self.log, self.selection, cache_size=models)
         self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
         self.compare = Compare(self.catalog, self.log)
+        self.exporter = ExportTab(self.log, self.selection)
+        self.queue = QueueTab(self.store.path, self.log)
         self.tabs = w.Tab(
-            children=[self.sampler.view, *self.actions.views, self.compare.view],
+            children=[
+                self.sampler.view,
+                *self.actions.views,
+                self.exporter.view,
+                self.compare.view,
+                self.queue.view,
+            ],
             titles=TAB_TITLES,
         )
         self.jobs_box = w.VBox()
@@ -181,6 +194,7 @@ class Browser:
         self.image.value = self.plot.png()
         self.meta.value = self._meta_html(entry, info)
         self.actions.selected(entry, info)
+        self.exporter.selected(entry, info)
         self.last_update_s = time.perf_counter() - started
         self.sampler.selected(entry, info)  # may generate: not part of the slider's latency
 
@@ -198,6 +212,9 @@ class Browser:
         ]
         points = [(s, v) for s, v in points if v is not None]
         self.plot.set("branches", [s for s, _ in points], [v for _, v in points])
+        back = [(s, entry.value_at("loss", s)) for s in recovery_steps(entry.run)]
+        back = [(s, v) for s, v in back if v is not None]
+        self.plot.set("recoveries", [s for s, _ in back], [v for _, v in back])
         self._plotted = (entry.name, entry.stamp)
 
     def _meta_html(self, entry: RunEntry, info: StepInfo) -> str:
@@ -251,6 +268,8 @@ class Browser:
             finally:
                 self._quiet = False
             self.compare.update_options()
+            if hasattr(self, "queue"):
+                self.queue.refresh()
             self.status.value = (
                 f"<small>{len(tree)} run{'s' * (len(tree) != 1)} in "
                 f"<code>{html.escape(str(self.store.path))}</code></small>"
@@ -323,6 +342,16 @@ class Browser:
         close_tree(self.view)
         self.sampler.models.clear()
         self.plot.figure.clear()
+
+
+def recovery_steps(run: Run) -> list[int]:
+    """Steps a recovery rolled the run back to (from its recorded history)."""
+    from ..jobs.recovery import recoveries
+
+    try:
+        return sorted({e["step"] for e in recoveries(run.info().get("history", []))})
+    except Exception:  # a damaged run file: no markers rather than no plot
+        return []
 
 
 def _nearest(entry: RunEntry, step: int) -> int:

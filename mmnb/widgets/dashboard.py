@@ -5,27 +5,40 @@
     run = mmnb.train("base", listeners=[dash], background=True)
     dash.attach(run)          # gives the Stop / Checkpoint-now buttons a run to act on
 
-Events arrive in the training thread (the kernel's main thread for a blocking run). The
-listener only updates widget traits — safe from any thread — and never prints. Its cost is
-bounded twice over: redraws are throttled (text every `text_interval`, the plot every
+It is a plain listener of `mmnb.train.Event`s, so it can be fed in process or from a run's
+event stream. Events arrive in the training thread (the kernel's main thread for a blocking
+run). The listener only updates widget traits — safe from any thread — and never prints. Its
+cost is bounded twice over: redraws are throttled (text every `text_interval`, the plot every
 `plot_interval` seconds), and after each redraw the next one waits long enough that drawing
 takes at most `budget` of the wall time, however slow drawing is on this machine.
+
+What it shows is the truth of the store at the end: a checkpoint event carries the step, loss
+and lr of what was saved, and the final line is that state ("stopped at step 39 as asked ·
+loss … · saved step 39"), whatever the last throttled step event said.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 import threading
 import time
 from typing import Any
 
 import ipywidgets as w
+import numpy as np
 
+from ..describe import BAR_STYLES, colour, reasons_text, state_text
 from ..progress import metric_parts
 from ..store import Run
 from ..train import Event
+from .comms import serve_while_busy
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
+
+PANELS = ("loss", "lr", "grad norm", "tokens/s")
+RATE_WINDOW = 20  # steps over which tokens/s is averaged
 
 
 def _clock(seconds: float) -> str:
@@ -34,8 +47,32 @@ def _clock(seconds: float) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
+def ema(values: np.ndarray, weight: float) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+    values = np.asarray(values, dtype=float)
+    if weight <= 0 or not len(values):
+        return values
+    out = np.empty_like(values)
+    acc, norm = 0.0, 0.0
+    for i, v in enumerate(values):
+        acc = weight * acc + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out[i] = acc / norm
+    return out
+
+
+def rates(steps: np.ndarray, tokens: np.ndarray, seconds: np.ndarray) -> tuple[Any, Any]:
+    """Tokens per second over a window of `RATE_WINDOW` steps, per step."""
+    if len(steps) < 2:
+        return [], []
+    k = np.maximum(np.arange(len(steps)) - RATE_WINDOW, 0)
+    dt = seconds - seconds[k]
+    ok = (dt > 0) & (np.arange(len(steps)) > 0)
+    return steps[ok], (tokens[ok] - tokens[k][ok]) / dt[ok]
+
+
 class Dashboard:
-    """Progress bar, loss and lr curves with checkpoint markers, Stop and Checkpoint-now."""
+    """State line, loss / lr / grad-norm / tokens-per-second panels, Stop and Checkpoint now."""
 
     def __init__(
         self,
@@ -49,48 +86,101 @@ class Dashboard:
         self.run: Run | None = None
         self.plot_interval, self.text_interval, self.budget = plot_interval, text_interval, budget
         # Training state as the last event left it.
-        self.state = "waiting"  # waiting | training | the stop reason
+        self.state = "waiting"  # waiting | training | the stop reason | failed
+        self.error: str | None = None
         self.step = self.total = self.epoch = self.steps_per_epoch = self.tokens = 0
         self.loss: float | None = None
         self.lr: float | None = None
         self.tokens_per_s: float | None = None
         self.eta: float | None = None  # seconds
         self.notices: list[str] = []
-        self.history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
+        # Per logged step: the curves. `clock` is training seconds (live: wall time).
+        self.history: dict[str, list[float]] = {
+            k: [] for k in ("step", "loss", "lr", "grad_norm", "tokens", "clock")
+        }
         self.checkpoints: list[tuple[int, float | None]] = []  # (step, loss) of committed ones
+        self.saved: Any = None  # StepInfo of the newest checkpoint
         self._epoch_start = 0  # the step at which the current epoch began
         self.draws = {"text": 0, "plot": 0}
         self._session: tuple[float, int, int] | None = None  # (time, step, tokens) at start
+        self._clock0: float | None = None  # wall time of this session's first step event
+        self._clock_base = 0.0  # training seconds before this session
         self._next = {"text": 0.0, "plot": 0.0}  # earliest time of the next throttled redraw
         self._lock = threading.RLock()  # events (training thread) vs attach/buttons (kernel)
+        self._workers: list[threading.Thread] = []
+        self.blocking = False  # trains in the cell's thread (set by the magics)
+        self.handle: Any = None  # the DisplayHandle when shown through `show()`
 
         self.log = Log()
         # Generous y headroom: a falling loss then crosses the axes' edge (a full redraw)
         # only a few times per run.
-        self.plot = Plot(("loss", "lr"), width=9, height=2.6, pad=0.25, live=True, zero=("lr",))
-        self.plot.line("loss", "loss", color="#1f77b4")
-        self.plot.line("ckpt", "loss", linestyle="none", marker="o", markersize=4, color="#d62728")
-        self.plot.line("lr", "lr", color="#2ca02c")
-        self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="14em"))
-        self.label = w.HTML("waiting for training to start")
-        # flex-start: a VBox stretches children to its width, which would blur the PNG.
-        self.image = w.Image(
-            format="png", layout=w.Layout(max_width="100%", align_self="flex-start")
+        self.plot = Plot(
+            PANELS, columns=2, width=9.6, height=4.6, pad=0.25, live=True, zero=("lr", "tokens/s")
         )
-        self.stop_button = w.Button(description="Stop", icon="stop", disabled=True)
-        self.checkpoint_button = w.Button(description="Checkpoint now", icon="save", disabled=True)
+        self.plot.line("loss_raw", "loss", color="#1f77b4", alpha=0.25, linewidth=1.0)
+        self.plot.line("loss", "loss", color="#1f77b4")
+        self.plot.line("ckpt", "loss", linestyle="none", marker="o", markersize=5, color="#d62728")
+        self.plot.line("lr", "lr", color="#2ca02c")
+        self.plot.line("grad_norm", "grad norm", color="#9467bd")
+        self.plot.line("tokens/s", "tokens/s", color="#ff7f0e")
+        css_w, _ = self.plot.css_size
+        self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="12em"))
+        self.label = w.HTML("waiting for training to start")
+        self.label.add_class("mmnb-state")
+        self.image = w.Image(
+            format="png",
+            # Shown at its CSS size (the PNG has `scale` times the pixels: crisp on HiDPI),
+            # narrower only when the cell is.
+            layout=w.Layout(width=f"{css_w}px", max_width="100%", height="auto"),
+        )
+        self.stop_button = w.Button(
+            description="Stop", icon="stop", disabled=True, tooltip="stop after this step, saved"
+        )
+        self.checkpoint_button = w.Button(
+            description="Checkpoint now", icon="save", disabled=True, layout=w.Layout(width="auto")
+        )
+        self.controls_note = w.HTML()  # what the last click did, next to the buttons
+        self.controls_note.add_class("mmnb-controls-note")
+        self.scale = w.ToggleButtons(
+            options=[("linear", False), ("log", True)],
+            value=False,
+            description="loss y",
+            style={"button_width": "4.5em", "description_width": "auto"},
+        )
+        self.smoothing = w.FloatSlider(
+            value=0.6,
+            min=0.0,
+            max=0.99,
+            step=0.01,
+            description="smoothing",
+            continuous_update=False,
+            readout_format=".2f",
+            style={"description_width": "auto"},
+            layout=w.Layout(width="18em"),
+        )
         self.stop_button.on_click(self.log.guard(self._on_stop, "stop"))
         self.checkpoint_button.on_click(self.log.guard(self._on_checkpoint, "checkpoint"))
+        replot = self.log.guard(lambda _change: self._view_changed(), "plot")
+        self.scale.observe(replot, names="value")
+        self.smoothing.observe(replot, names="value")
+        self.buttons = w.HBox(
+            [self.stop_button, self.checkpoint_button, self.controls_note],
+            layout=w.Layout(align_items="center"),
+        )
         self.view = w.VBox(
             [
-                w.HBox([self.bar, self.label]),
+                w.HBox([self.bar, self.label], layout=w.Layout(align_items="center")),
                 self.image,
-                w.HBox([self.stop_button, self.checkpoint_button]),
-                self.log.output,
+                w.HBox(
+                    [self.buttons, self.scale, self.smoothing],
+                    layout=w.Layout(
+                        align_items="center", flex_flow="row wrap", justify_content="space-between"
+                    ),
+                ),
+                self.log.view,
             ]
         )
         self.view.add_class("mmnb-dashboard")
-        self._workers: list[threading.Thread] = []
 
     # ---- the listener ----
     def __call__(self, event: Event) -> None:
@@ -106,15 +196,17 @@ class Dashboard:
         """Fold `event` into the state; True when it must be shown at once."""
         info, now = event.info, time.perf_counter()
         if event.kind == "start":
-            self.state = "training"
+            self.state, self.error = "training", None
             self.step, self.total = event.step, int(info["total"])
             self.steps_per_epoch = int(info.get("steps_per_epoch") or 0)
             self.epoch = int(info.get("epoch", self.epoch))
             self._epoch_start = event.step - int(info.get("epoch_step", 0))
             self._session = None
+            self._clock0 = None
+            clock = self.history["clock"]
+            self._clock_base = clock[-1] if clock else 0.0
             self.tokens_per_s = self.eta = None
-            self.plot.set_xmax("loss", self.total)
-            self.plot.set_xmax("lr", self.total)
+            self.plot.set_horizon(self.total)
             self._enable(True)
             return True
         if event.kind == "step":
@@ -122,21 +214,21 @@ class Dashboard:
             self.tokens = int(info["tokens"])
             if self._session is None:
                 self._session = (now, event.step, self.tokens)
+                self._clock0 = now
             else:
                 t0, step0, tokens0 = self._session
                 if now > t0 and event.step > step0:
                     self.tokens_per_s = (self.tokens - tokens0) / (now - t0)
                     per_step = (now - t0) / (event.step - step0)
                     self.eta = max(self.total - event.step, 0) * per_step
-            h = self.history
-            if h["step"] and event.step <= h["step"][-1]:
-                # A resume from an older step recomputes these steps: drop the old tail.
-                keep = next(i for i, s in enumerate(h["step"]) if s >= event.step)
-                for values in h.values():
-                    del values[keep:]
-            h["step"].append(event.step)
-            h["loss"].append(info["loss"])
-            h["lr"].append(info["lr"])
+            self._append(
+                event.step,
+                info["loss"],
+                info["lr"],
+                info.get("grad_norm", float("nan")),
+                self.tokens,
+                self._clock_base + (now - (self._clock0 or now)),
+            )
             return False
         if event.kind == "epoch":
             self.epoch, self._epoch_start = int(info["epoch"]), event.step
@@ -145,18 +237,44 @@ class Dashboard:
             saved = info.get("saved")
             if saved is not None:
                 self.run_name = self.run_name or saved.run
-                self.checkpoints.append((saved.step, saved.loss))
-            return "requested" in info.get("reasons", ())
+                self.saved = saved
+                if not any(s == saved.step for s, _ in self.checkpoints):
+                    self.checkpoints.append((saved.step, saved.loss))
+                # The saved state is the truth: an interrupt or a stop saves a step that the
+                # (throttled) step events may not have shown.
+                self.step = max(self.step, saved.step)
+                if saved.step == self.step:
+                    self.loss = saved.loss if saved.loss is not None else self.loss
+                    self.lr = saved.lr if saved.lr is not None else self.lr
+            reasons = set(info.get("reasons", ()))
+            if "requested" in reasons and saved is not None:
+                self._note(f"saved step {saved.step} ({reasons_text(['requested'], saved.tags)})")
+            return bool(reasons & {"requested", "stop", "interrupt", "stop_at", "end"})
         if event.kind == "notice":
             self.notices.append(str(info["text"]))
             self.log.message(f"note: {info['text']}")
             return True
         if event.kind == "stop":
             self.state = str(info["reason"])
+            self.error = info.get("error") or info.get("text")
             self.eta = None
             self._enable(False)
             return True
         return False
+
+    def _append(self, step, loss, lr, grad_norm, tokens, clock) -> None:  # noqa: ANN001
+        h = self.history
+        if h["step"] and step <= h["step"][-1]:
+            # A resume from an older step recomputes these steps: drop the old tail.
+            keep = next(i for i, s in enumerate(h["step"]) if s >= step)
+            for values in h.values():
+                del values[keep:]
+        for key, value in zip(
+            ("step", "loss", "lr", "grad_norm", "tokens", "clock"),
+            (step, loss, lr, grad_norm, tokens, clock),
+            strict=True,
+        ):
+            h[key].append(float(value))
 
     # ---- rendering ----
     def _redraw(self, force: bool = False) -> None:
@@ -178,22 +296,36 @@ class Dashboard:
     def _draw_text(self) -> None:
         self.bar.max = max(self.total, 1)
         self.bar.value = min(self.step, self.bar.max)
-        self.bar.bar_style = {"training": "", "done": "success", "waiting": ""}.get(
-            self.state, "warning"
+        self.bar.bar_style = BAR_STYLES.get(self.state, "")
+        tone = colour(self.state)
+        self.label.value = (
+            f"<span style='color:{tone};font-weight:600'>"
+            f"{html.escape(state_text(self.state, self.step, {'error': self.error}))}</span>"
+            f" <code>{html.escape(self.text(with_state=False))}</code>"
         )
-        self.label.value = f"<code>{self.text()}</code>"
+
+    def _view_changed(self) -> None:
+        with self._lock:
+            self._draw_plot()
 
     def _draw_plot(self) -> None:
-        h = self.history
-        self.plot.set("loss", h["step"], h["loss"])
-        self.plot.set("lr", h["step"], h["lr"])
+        h = {k: np.asarray(v, dtype=float) for k, v in self.history.items()}
+        steps = h["step"]
+        self.plot.set_log("loss", bool(self.scale.value))
+        smooth = float(self.smoothing.value)
+        self.plot.set("loss_raw", steps, h["loss"])
+        self.plot.set_visible("loss_raw", smooth > 0)
+        self.plot.set("loss", steps, ema(h["loss"], smooth))
+        self.plot.set("lr", steps, h["lr"])
+        self.plot.set("grad_norm", steps, h["grad_norm"])
+        self.plot.set("tokens/s", *rates(steps, h["tokens"], h["clock"]))
         marked = [(s, loss) for s, loss in self.checkpoints if loss is not None]
         self.plot.set("ckpt", [s for s, _ in marked], [loss for _, loss in marked])
-        if h["step"]:
+        if len(steps):
             self.image.value = self.plot.png()
 
-    def text(self) -> str:
-        """The one-line progress text (the text/plain fallback)."""
+    def text(self, with_state: bool = True) -> str:
+        """The one-line state (the text/plain fallback)."""
         parts = [f"run {self.run_name}" if self.run_name else "run"]
         if self.total:
             parts.append(f"step {self.step}/{self.total} ({100 * self.step / self.total:.0f}%)")
@@ -209,9 +341,12 @@ class Dashboard:
         parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.eta is not None and self.state == "training":
             parts.append(f"ETA {_clock(self.eta)}")
-        if self.checkpoints:
+        if self.saved is not None:
+            parts.append(f"saved step {self.saved.step}")
+        elif self.checkpoints:
             parts.append(f"saved step {self.checkpoints[-1][0]}")
-        parts.append(self.state)
+        if with_state:
+            parts.append(state_text(self.state, self.step, {"error": self.error}))
         return " · ".join(parts)
 
     # ---- the run the buttons act on ----
@@ -233,43 +368,97 @@ class Dashboard:
         if steps is None or not len(steps):
             return
         keep = [i for i, s in enumerate(steps) if before is None or s < before]
-        for key in ("step", "loss", "lr"):
-            self.history[key][:0] = [float(metrics[key][i]) for i in keep]
+        for key, source in (
+            ("step", "step"),
+            ("loss", "loss"),
+            ("lr", "lr"),
+            ("grad_norm", "grad_norm"),
+            ("tokens", "tokens"),
+            ("clock", "time"),
+        ):
+            column = metrics.get(source)
+            values = [float(column[i]) if column is not None else float("nan") for i in keep]
+            self.history[key][:0] = values
         seen = {s for s, _ in self.checkpoints}
         old = [(s.step, s.loss) for s in run.steps() if before is None or s.step < before]
         self.checkpoints[:0] = [c for c in old if c[0] not in seen]
         if before is None and keep:
             self.step = int(steps[keep[-1]])
             self.loss, self.lr = float(metrics["loss"][keep[-1]]), float(metrics["lr"][keep[-1]])
+            self.saved = run.latest()
 
     def _enable(self, on: bool) -> None:
         on = on and self.run is not None
         self.stop_button.disabled = self.checkpoint_button.disabled = not on
 
+    def serve_clicks(self) -> bool:
+        """While a cell blocks on training, handle the controls' clicks at once (see
+        `comms`); when the kernel cannot, hide Stop / Checkpoint now and say how to stop."""
+        self.blocking = True
+        controls = (self.stop_button, self.checkpoint_button, self.scale, self.smoothing)
+        if serve_while_busy(*controls):
+            return True
+        self.stop_button.layout.display = self.checkpoint_button.layout.display = "none"
+        self.controls_note.value = (
+            "<small>Kernel → Interrupt stops this run with a checkpoint; "
+            "<code>--background</code> gives Stop and Checkpoint-now buttons.</small>"
+        )
+        return False
+
+    def _note(self, text: str, error: bool = False) -> None:
+        tone = colour("failed") if error else "inherit"
+        self.controls_note.value = f"<span style='color:{tone}'>{html.escape(text)}</span>"
+
     def _on_stop(self, _button: Any = None) -> None:
         if self.run is None:
             raise ValueError("no run attached: call dashboard.attach(run) first")
-        self.run.stop(wait=False)
-        self.log.message(
-            f"stop requested: {self.run.name} stops after this step, with a checkpoint"
-        )
+        if self.run.trainer is None:
+            raise ValueError(f"run {self.run.name} is not training in this kernel")
+        self.run.trainer.stop()  # thread-safe: the trainer stops at its next step boundary
+        self._note(f"stopping {self.run.name} after this step, with a checkpoint…")
         self.stop_button.disabled = True
 
     def _on_checkpoint(self, _button: Any = None) -> None:
         if self.run is None:
             raise ValueError("no run attached: call dashboard.attach(run) first")
         run = self.run
+        self._note("saving at the next step boundary…")
 
         def save() -> None:
-            saved = run.checkpoint()
+            trainer = run.trainer
+            future = trainer.request_checkpoint() if trainer is not None else None
+            saved = future.result() if future is not None else run.checkpoint()
             if saved is not None:
-                self.log.message(f"checkpoint committed: {run.name} step {saved.step}")
+                self._note(f"saved step {saved.step} (checkpoint you requested)")
 
-        # A background run commits at its next step boundary; waiting for that in a worker
-        # keeps the kernel free.
-        worker = threading.Thread(target=self.log.guard(save, "checkpoint"), daemon=True)
+        # Training commits at its next step boundary; waiting for that in a worker keeps the
+        # kernel (or the helper subshell) free.
+        def guarded() -> None:
+            try:
+                save()
+            except Exception as err:
+                self._note(f"checkpoint failed: {err}", error=True)
+                self.log.error(err, "checkpoint")
+
+        worker = threading.Thread(target=guarded, daemon=True)
         self._workers.append(worker)
         worker.start()
+
+    def fail(self, err: BaseException) -> None:
+        """Training could not start or ended with `err`: say so (never 'waiting' forever)."""
+        with self._lock:
+            if self.state in ("waiting", "training"):
+                self.state, self.error = "failed", str(err).splitlines()[0] if str(err) else ""
+                if not self.error:
+                    self.error = type(err).__name__
+            self._enable(False)
+            self._redraw(force=True)
+
+    def discard(self) -> None:
+        """Nothing was trained (the call failed on its input): remove the dashboard."""
+        self.close()
+        if self.handle is not None:
+            self.handle.update({"text/plain": ""}, raw=True)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for Checkpoint-now requests in flight (tests, scripts)."""
@@ -277,11 +466,40 @@ class Dashboard:
             worker.join(timeout)
 
     # ---- display ----
+    def show(self) -> Dashboard:
+        """Display now, remembering the output so `freeze()` can give it a static fallback."""
+        from IPython.display import display
+
+        self.handle = display(self, display_id=True)
+        return self
+
+    def freeze(self) -> None:
+        """Give the displayed output (when shown with `show()`) the final state as its static
+        fallback — the line and the plot as HTML — so a saved notebook, nbconvert or a viewer
+        without widgets shows how training ended, not its first frame."""
+        if self.handle is not None:
+            self.handle.update(self)
+
+    def static_html(self) -> str:
+        """The final state as plain HTML: the line and the plot image."""
+        line = html.escape(self.text())
+        image = bytes(self.image.value or b"")
+        css_w, _ = self.plot.css_size
+        img = (
+            f"<img alt='training curves' style='width:{css_w}px;max-width:100%' "
+            f"src='data:image/png;base64,{base64.b64encode(image).decode()}'/>"
+            if image
+            else ""
+        )
+        return f"<div class='mmnb-dashboard-static'><code>{line}</code><br>{img}</div>"
+
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = self.view._repr_mimebundle_(**kwargs) or {}
-        # Front-ends without widgets (terminal IPython, nbconvert to text) show this line,
-        # computed now, from the state of the latest event.
+        # Front-ends without widgets (terminal IPython, nbconvert, a saved notebook) show
+        # these, computed now, from the state of the latest event.
         bundle["text/plain"] = self.text()
+        if self.state not in ("waiting", "training"):
+            bundle["text/html"] = self.static_html()
         return bundle
 
     def close(self) -> None:

@@ -29,10 +29,21 @@ class Log:
     """An Output widget holding messages and captured errors, newest last."""
 
     def __init__(self, max_entries: int = 50) -> None:
-        self.output = w.Output(layout=w.Layout(max_height="16em", overflow="auto"))
+        self.output = w.Output(layout=w.Layout(max_height="16em", overflow="auto", flex="1"))
         self.output.add_class("mmnb-log")
         self.max_entries = max_entries
         self._lock = threading.Lock()  # callbacks and worker threads append concurrently
+        self.clear_button = w.Button(
+            description="Clear", icon="times", tooltip="clear these messages",
+            layout=w.Layout(width="auto"),
+        )  # fmt: skip
+        self.clear_button.on_click(lambda _: self.clear())
+        # Hidden while empty: an empty log takes no room.
+        self.view = w.HBox(
+            [self.output, self.clear_button],
+            layout=w.Layout(display="none", align_items="flex-start"),
+        )
+        self.view.add_class("mmnb-log-box")
 
     def message(self, text: str) -> None:
         self._append({"output_type": "stream", "name": "stdout", "text": text.rstrip() + "\n"})
@@ -65,7 +76,9 @@ class Log:
     def clear(self) -> None:
         with self._lock:
             self.output.outputs = ()
+            self.view.layout.display = "none"
 
     def _append(self, entry: dict[str, str]) -> None:
         with self._lock:
             self.output.outputs = (*self.output.outputs, entry)[-self.max_entries :]
+            self.view.layout.display = ""
