@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def plan(store: Store) -> tuple[list[Garbage], list[str]]:
         except StoreError as err:
             notes.append(f"{err}; skipped")
     for item in items:
-        item.bytes = _size(item.path)
+        item.bytes = _size(item.path) if item.action == "remove" else 0
     return items, notes
 
 
@@ -90,7 +91,7 @@ def _run_garbage(store: Store, folder: Path, notes: list[str]) -> list[Garbage]:
         return []
     on_disk = {p.name: p for p in ckpt.iterdir()} if confine.real_dir(ckpt, "folder") else {}
     if not steps and parent is None and not any(_ckpt_step(n) is not None for n in on_disk):
-        return [Garbage(folder, f"run {run.name} never committed a checkpoint")]
+        return [Garbage(folder, "a run that never committed a checkpoint (stopped before step 0)")]
     items = []
     for path in sorted([*folder.iterdir(), *on_disk.values()]):
         if _is_tmp(path.name):
@@ -137,7 +138,9 @@ def collect(store: Store, items: list[Garbage]) -> list[Garbage]:
                 continue  # no longer garbage (a writer came back, the process was alive…)
             if item.run is not None:
                 run = Run(store, item.run)
-                run.open_writer()  # reconciling drops the entries whose file is gone
+                with warnings.catch_warnings():  # reported as this item already
+                    warnings.simplefilter("ignore")
+                    run.open_writer()  # reconciling drops the entries whose file is gone
                 run.close_writer()
             elif item.path.is_dir() and not item.path.is_symlink():
                 shutil.rmtree(item.path)

@@ -305,6 +305,8 @@ class Run:
                 raise ValueError(f"it was written by run {summary.get('run')!r}, not {info.run!r}")
         except StoreError as err:
             raise CorruptCheckpoint(f"checkpoint {path}: {err}") from None
+        except FileNotFoundError:  # deleted since it was listed (retention in another process)
+            raise CorruptCheckpoint(f"checkpoint {path} does not exist") from None
         except PARSE_ERRORS as err:
             raise CorruptCheckpoint(
                 f"checkpoint {path} is unreadable or corrupt ({reason(err)})"

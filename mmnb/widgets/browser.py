@@ -24,6 +24,7 @@ import ipywidgets as w
 from ..store import Run, StepInfo, Store
 from .actions import Actions
 from .catalog import Catalog, RunEntry
+from .cleanup import Cleanup
 from .compare import Compare
 from .dashboard import Dashboard
 from .exporter import ExportTab
@@ -72,6 +73,7 @@ class Browser:
         self.runs.add_class("mmnb-runs")
         self.refresh_button = w.Button(description="Refresh", icon="refresh")
         self.refresh_button.on_click(guard(lambda _: self.refresh(), "refresh"))
+        self.cleanup = Cleanup(self.store, self.log, self.refresh)
         self.status = w.HTML()
         self.slider = w.SelectionSlider(
             options=[("-", -1)],
@@ -115,7 +117,7 @@ class Browser:
         self.jobs_box = w.VBox()
         self.view = w.VBox(
             [
-                w.HBox([self.runs, w.VBox([self.refresh_button, self.status])]),
+                w.HBox([self.runs, w.VBox([self.refresh_button, self.cleanup.view, self.status])]),
                 self.slider,
                 # Top-aligned: a stretched row would stretch the image's height too.
                 w.HBox([self.image, self.meta], layout=w.Layout(align_items="flex-start")),
