@@ -208,8 +208,9 @@ def write_run_file(folder: Path, meta: dict[str, Any], index: list[StepInfo]) ->
         "config": jsonio.dumps_state(meta["config"]),
         "parent": jsonio.dumps_state(meta["parent"]),
         "stage": jsonio.dumps_state(meta["stage"]),
-        "history": jsonio.dumps_state(meta["history"]),
-        "lineage": jsonio.dumps_state(meta.get("lineage") or {}),
+        # a record of what happened (a recovery's non-finite loss): null, never NaN
+        "history": jsonio.dumps(meta["history"]),
+        "lineage": jsonio.dumps(meta.get("lineage") or {}),
         "tokenizer": meta["tokenizer"],
         "created": float(meta["created"]),
         # measurements (a skipped step's loss) may be non-finite: null in JSON
