@@ -1,9 +1,10 @@
 """Trainer vs a bare PyTorch loop, and training throughput per preset and dtype.
 
-    python benchmarks/bench_train.py                # ratio + tokens/s table
-    python benchmarks/bench_train.py --quick        # fewer steps
+    python benchmarks/bench_train.py                # 7 rounds
+    python benchmarks/bench_train.py --quick        # 5 rounds, fewer steps
 
-Ratios are measured side by side in one process, alternating blocks so drift hits both.
+The trainer and the bare loop alternate inside each round (the order rotates), each keeping its
+model and optimizer warm across rounds; the overhead is the median of the per-round ratios.
 """
 
 from __future__ import annotations
@@ -15,114 +16,110 @@ import time
 
 import torch
 
+import benchlib
 from mmnb.config import resolve
-from mmnb.data import build_dataset, tokenizer_for
+from mmnb.data import build_dataset, epoch_order, tokenizer_for
 from mmnb.model import MiniMind
+from mmnb.speed import make_optimizer
 from mmnb.train import Trainer
 
+TARGETS = [
+    "trainer step / bare loop step <= 1.03 (fp32, tiny and minimind2-small)",
+    "tiny preset: peak resident memory of a training process < 1 GiB",
+]
 
-def make(preset: str, dtype: str, batch: int, seq: int, accum: int = 1):
+
+def make(preset: str, dtype: str, batch: int, seq: int, compile_: bool = False):
     model_cfg, train_cfg = resolve(
-        preset, dtype=dtype, batch_size=batch, max_seq_len=seq, accum=accum, epochs=100
+        preset,
+        dtype=dtype,
+        batch_size=batch,
+        max_seq_len=seq,
+        epochs=1000,
+        compile=compile_,
+        log_every=10**6,
     )
     tokenizer = tokenizer_for(None, model_cfg.vocab_size)
     dataset = build_dataset(None, tokenizer, seq)
     return model_cfg, train_cfg, dataset
 
 
-def bare_loop(model_cfg, train_cfg, dataset, steps: int) -> float:
-    """The loop a user would write by hand: same model, data, AdamW, accumulation, clip."""
-    model = MiniMind(model_cfg, seed=train_cfg.seed)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=train_cfg.lr,
-        betas=(train_cfg.beta1, train_cfg.beta2),
-        weight_decay=train_cfg.weight_decay,
-    )
-    bf16 = train_cfg.dtype == "bf16"
-    b, a = train_cfg.batch_size, train_cfg.accum
-    model.train()
-    # The trainer flushes denormals (see train._flush_denormals); without it late fp32 steps
-    # can be 10-40x slower on x86, which would flatter the trainer.
-    torch.set_flush_denormal(True)
-    start = time.perf_counter()
-    for step in range(steps):
-        for micro in range(a):
-            lo = (step * a + micro) * b
-            x, y = dataset.batch(list(range(lo, lo + b)))
+class BareLoop:
+    """The loop a user would write by hand: same model, data order, optimizer, clip, autocast."""
+
+    def __init__(self, model_cfg, train_cfg, dataset) -> None:
+        self.cfg, self.dataset = train_cfg, dataset
+        self.model = MiniMind(model_cfg, seed=train_cfg.seed)
+        self.opt = make_optimizer(self.model.parameters(), train_cfg, torch.device("cpu"))
+        self.order = epoch_order(len(dataset), train_cfg.seed, 0)
+        self.step = 0
+
+    def run(self, steps: int) -> float:
+        b, bf16 = self.cfg.batch_size, self.cfg.dtype == "bf16"
+        self.model.train()
+        # The trainer flushes denormals (see train._flush_denormals); without it late fp32 steps
+        # can be 10-40x slower on x86, which would flatter the trainer.
+        torch.set_flush_denormal(True)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            lo = (self.step * b) % (len(self.order) - b)
+            x, y = self.dataset.batch(self.order[lo : lo + b])
             with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                loss = model(x, y).loss
-            (loss / a).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    elapsed = time.perf_counter() - start
-    torch.set_flush_denormal(False)
-    return elapsed
+                loss = self.model(x, y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            loss.item()  # the trainer logs the loss every step
+            self.step += 1
+        elapsed = time.perf_counter() - t0
+        torch.set_flush_denormal(False)
+        return elapsed
 
 
-def trainer_loop(model_cfg, train_cfg, dataset, steps: int) -> float:
-    trainer = Trainer(model_cfg, train_cfg, dataset)
-    trainer.config.stop_at = steps
-    start = time.perf_counter()
-    trainer.fit()
-    return time.perf_counter() - start
+class TrainerLoop:
+    def __init__(self, model_cfg, train_cfg, dataset) -> None:
+        self.trainer = Trainer(model_cfg, train_cfg, dataset)
+
+    def run(self, steps: int) -> float:
+        self.trainer.config.stop_at = self.trainer.step + steps
+        t0 = time.perf_counter()
+        self.trainer.fit()
+        return time.perf_counter() - t0
 
 
-def ratio(preset: str, dtype: str, batch: int, seq: int, steps: int, rounds: int) -> float:
-    cfgs = make(preset, dtype, batch, seq)
-    bare_loop(*cfgs, 2)  # warm up kernels and allocator
-    trainer_loop(*cfgs, 2)
-    bare = trainer = 0.0
-    for _ in range(rounds):
-        bare += bare_loop(*cfgs, steps)
-        trainer += trainer_loop(*cfgs, steps)
-    return trainer / bare
+def overhead(preset: str, batch: int, seq: int, steps: int, rounds: int) -> None:
+    cfgs = make(preset, "fp32", batch, seq)
+    loops = {"bare": BareLoop(*cfgs), "trainer": TrainerLoop(*cfgs)}
+    for loop in loops.values():
+        loop.run(2)  # warm up kernels and the allocator
+    times = benchlib.alternate(
+        {n: (lambda lp=lp: lp.run(steps)) for n, lp in loops.items()}, rounds
+    )
+    r = benchlib.ratios(times["trainer"], times["bare"])
+    print(
+        f"trainer / bare loop, {preset} fp32 {batch}x{seq}: {benchlib.spread(r)} "
+        f"(median (range) of {rounds} paired rounds of {steps} steps; target <= 1.03)"
+    )
 
 
-def throughput(preset: str, dtype: str, batch: int, seq: int, steps: int) -> float:
-    cfgs = make(preset, dtype, batch, seq)
-    trainer_loop(*cfgs, 2)
-    seconds = trainer_loop(*cfgs, steps)
-    return steps * batch * seq / seconds
-
-
-def gemm_ratio() -> float:
-    """bf16 / fp32 matmul throughput on this CPU: the ceiling for bf16 training speed-ups."""
-
-    def rate(dtype: torch.dtype) -> float:
-        a, b = torch.randn(1024, 512, dtype=dtype), torch.randn(512, 1408, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        start = time.perf_counter()
-        for _ in range(20):
-            a @ b
-        return 20 / (time.perf_counter() - start)
-
-    return rate(torch.bfloat16) / rate(torch.float32)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    steps, rounds = (5, 2) if args.quick else (20, 3)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    r = ratio("tiny", "fp32", 16, 128, steps * 2, rounds)
-    print(f"trainer / bare loop, tiny fp32 16x128: {r:.3f}  (target <= 1.03)")
-    r = ratio("minimind2-small", "fp32", 4, 256, max(steps // 4, 2), rounds)
-    print(f"trainer / bare loop, minimind2-small fp32 4x256: {r:.3f}  (target <= 1.03)")
-    rows = []
-    for preset, batch, seq, n in (("tiny", 16, 128, steps * 2), ("minimind2-small", 4, 256, steps)):
-        fp32 = throughput(preset, "fp32", batch, seq, n)
-        bf16 = throughput(preset, "bf16", batch, seq, n)
-        rows.append((preset, batch, seq, fp32, bf16))
-    print("\n| preset | batch x seq | fp32 tok/s | bf16 tok/s | bf16/fp32 |")
-    print("|---|---|---|---|---|")
-    for preset, batch, seq, fp32, bf16 in rows:
-        print(f"| {preset} | {batch}x{seq} | {fp32:,.0f} | {bf16:,.0f} | {bf16 / fp32:.2f} |")
-    print(f"\nbf16/fp32 matmul throughput on this CPU (1024x512 @ 512x1408): {gemm_ratio():.2f}")
-    print(f"tiny preset, peak resident memory of a training process: {tiny_rss_mib():,.0f} MiB")
+def throughput(rows, rounds: int) -> None:
+    """tokens/s of the trainer per (preset, dtype[, compile]), all alternated in one loop."""
+    loops, steps = {}, {}
+    for preset, batch, seq, dtype, comp, k in rows:
+        name = f"{preset} {batch}x{seq} {dtype}{' compile' if comp else ''}"
+        loops[name] = TrainerLoop(*make(preset, dtype, batch, seq, comp))
+        steps[name] = (k, batch * seq)
+    for loop in loops.values():
+        loop.run(2)  # warm-up (and compilation)
+    times = benchlib.alternate(
+        {n: (lambda lp=lp, k=steps[n][0]: lp.run(k)) for n, lp in loops.items()}, rounds
+    )
+    print("\n| preset, batch x seq, dtype | trainer tokens/s median (range) |")
+    print("|---|---|")
+    for name, secs in times.items():
+        k, tokens = steps[name]
+        print(f"| {name} | {benchlib.spread([k * tokens / s for s in secs], '{:,.0f}')} |")
 
 
 def tiny_rss_mib() -> float:
@@ -135,6 +132,32 @@ def tiny_rss_mib() -> float:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="add compiled rows (slow warm-up)")
+    args = parser.parse_args()
+    steps, rounds = (3, 5) if args.quick else (8, 7)
+    benchlib.header("trainer overhead and throughput", TARGETS)
+    overhead("tiny", 16, 128, steps * 4, rounds)
+    overhead("minimind2-small", 4, 256, max(steps // 2, 1), rounds)
+    big = max(steps // 2, 1)
+    rows = [
+        ("tiny", 16, 128, "fp32", False, steps * 4),
+        ("tiny", 16, 128, "bf16", False, steps * 4),
+        ("minimind2-small", 4, 256, "fp32", False, big),
+        ("minimind2-small", 4, 256, "bf16", False, big),
+    ]
+    if args.compile:
+        rows += [
+            ("minimind2-small", 4, 256, "fp32", True, big),
+            ("minimind2-small", 4, 256, "bf16", True, big),
+        ]
+    throughput(rows, rounds)
+    print(f"\ntiny preset, peak resident memory of a training process: {tiny_rss_mib():,.0f} MiB")
+    benchlib.footer()
 
 
 if __name__ == "__main__":

@@ -93,16 +93,20 @@ def train(
     source, notices = None, []
     device = check_device(device)
     check_store(store.path, write=True)
+    listeners = list(listeners)
+    prep = _preparation(listeners)
     if options.get("init_from"):
         source, model_cfg, train_cfg, tokenizer, notices = _from_weights(store, options)
     else:
         preset = options.pop("preset", "tiny")
         model_cfg, train_cfg = resolve(preset, **options)  # validates both (mmnb.validate)
-        tokenizer = tokenizer_for(train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer)
+        tokenizer = tokenizer_for(
+            train_cfg.data, model_cfg.vocab_size, train_cfg.tokenizer, progress=prep
+        )
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
@@ -202,10 +206,11 @@ def resume(
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
+        listeners = list(listeners)
         if step is None and stage is None and not handle.steps():
             # Its creator died before step 0 was committed: start it from its config.
             unstarted = True
-            trainer = _fresh(model_cfg, train_cfg, handle.tokenizer_json(), device)
+            trainer = _fresh(model_cfg, train_cfg, handle.tokenizer_json(), device, listeners)
         else:
             if step is None:
                 state, corrupt = handle.load_newest()
@@ -213,8 +218,9 @@ def resume(
                 state, corrupt = handle.load(step), []
             where = f"run {handle.name!r} step {state['trainer']['step']}"
             trainer = _restore(
-                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, where
-            )
+                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners,
+                where,
+            )  # fmt: skip
             # A newer checkpoint that is corrupt is recomputed (the trajectory is a pure
             # function of config, seed and data) and replaced when training passes it.
             trainer.repair_steps.update(corrupt)
@@ -383,9 +389,11 @@ def _branch(
         tokenizer_json = tokenizer.to_json()
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
+    listeners = list(listeners)
     where = f"run {parent.name!r} step {step}"
-    state = parent.load(step)
-    trainer = _restore(state, model_cfg, train_cfg, tokenizer_json, device, stage, where)
+    trainer = _restore(
+        parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage, listeners, where
+    )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
         config_to_dict(model_cfg, train_cfg),
@@ -405,12 +413,13 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    listeners: Iterable[Listener] = (),
     where: str = "the checkpoint",
 ) -> Trainer:
     """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
     checkpoint holds the parent's plan and data position; the branch's own follow from its
     config, deterministically."""
-    trainer = _fresh(model_cfg, train_cfg, tokenizer_json, device)
+    trainer = _fresh(model_cfg, train_cfg, tokenizer_json, device, listeners)
     try:
         trainer.load_state_dict(state)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
@@ -432,12 +441,29 @@ def _restore(
 
 
 def _fresh(
-    model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer_json: str, device: str
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer_json: str,
+    device: str,
+    listeners: Iterable[Listener] = (),
 ) -> Trainer:
     """A Trainer at step 0 of the config, on the data with the run's tokenizer."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    dataset = build_dataset(
+        train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=_preparation(listeners)
+    )
     return Trainer(model_cfg, train_cfg, dataset, device=device)
+
+
+def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
+    """Data preparation's progress as `prepare` events (before the trainer exists)."""
+    listeners = list(listeners)
+
+    def emit(info: dict[str, Any]) -> None:
+        for listener in listeners:
+            listener(Event("prepare", 0, dict(info)))
+
+    return emit
 
 
 def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> EventWriter:

@@ -192,11 +192,21 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
         help="exit after this long with nothing to run (default: run until stopped)",
     )
     p.add_argument("--poll", type=float, default=0.2, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop the store's worker (its jobs checkpoint and wait in the queue)",
+    )
 
 
 @command("worker", "run the store's queued jobs (one worker per store)", _worker_args)
 def worker_command(args: argparse.Namespace) -> int:
-    from .jobs.worker import Worker
+    from .jobs.worker import Worker, stop_worker
+
+    if args.stop:
+        stopped = stop_worker(_store(args.store))
+        print("worker stopped" if stopped else "no worker runs on this store")
+        return 0
 
     def log(text: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} {text}", flush=True)
@@ -268,13 +278,13 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
 @command("watch", "live progress of a run trained anywhere (its event stream)", _watch_args)
 def watch_command(args: argparse.Namespace) -> int:
     from .events import progress
-    from .jobs.attach import Attachment
+    from .jobs.attach import Attachment, appeared
     from .jobs.watch import progress_line
     from .progress import ConsoleProgress
 
     store = _store(args.store).full()
     name = args.name or _default_watch(store)
-    run = store.run(name)
+    run = appeared(store, name)  # a job just started may not have created it yet
     if args.once:
         p = progress(run.path)
         print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")

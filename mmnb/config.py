@@ -126,6 +126,7 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 1.0  # max grad norm; 0 disables clipping (the norm is still logged)
     dtype: str = "fp32"  # fp32 | bf16 (autocast; master weights and optimizer state stay fp32)
+    compile: bool = False  # torch.compile the training step (inductor); same checkpoint keys
     seed: int = 1337  # the one seed: init, data order and dropout all derive from it
     log_every: int = 1  # optimizer steps between progress events (front-ends throttle redraws)
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only the automatic ones
@@ -289,6 +290,7 @@ TRAJECTORY_FIELDS = MODEL_FIELDS + (
     "accum",
     "seed",
     "dtype",
+    "compile",  # compiled kernels round differently from eager ones
 )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from IPython.display import display
 
-from .progress import metric_parts
+from .progress import metric_parts, prepare_text
 from .store import StepInfo
 from .train import Event
 
@@ -75,7 +75,9 @@ class NotebookProgress:
 
     def __call__(self, event: Event) -> None:
         snap, info = self.snapshot, event.info
-        if event.kind == "start":
+        if event.kind == "prepare":
+            snap = dataclasses.replace(snap, state=prepare_text(info))
+        elif event.kind == "start":
             snap = dataclasses.replace(
                 snap,
                 state="training",

@@ -71,7 +71,7 @@ STREAM_KINDS = ("open", "heartbeat", "control", "close")
 class Event:
     """What the trainer tells front-ends. It never prints; they render."""
 
-    kind: str  # start | step | epoch | checkpoint | notice | stop | recover (+ stream kinds)
+    kind: str  # prepare | start | step | epoch | checkpoint | notice | stop | recover (+ stream kinds)
     step: int  # optimizer steps completed
     info: dict[str, Any] = field(default_factory=dict)
     time: float | None = None  # Unix time the stream recorded it (None in process)
@@ -482,29 +482,44 @@ class Progress:
         return None if self.process is None else self.process.matches()
 
 
-def progress(folder: str | os.PathLike[str], max_bytes: int = 4 * _CHUNK) -> Progress | None:
-    """The newest session's progress from the stream's tail (at most `max_bytes` read, newest
-    first, until a record with the total and the process is found); None without a stream."""
+_MARKERS = (b'"kind":"open"', b'"kind":"heartbeat"', b'"kind":"start"')
+
+
+def progress(folder: str | os.PathLike[str], max_bytes: int = 16 * _CHUNK) -> Progress | None:
+    """The newest session's progress from the stream's tail; None without a stream.
+
+    Reads the newest 16 KiB (recent steps, for the rate), then older chunks only as far back as
+    the newest record that carries the plan's total and the process (`open`, `heartbeat` or
+    `start`: found by a byte search, decoding only that line), at most `max_bytes` in all."""
     fd = _open_regular(Path(folder) / STREAM)
     if fd is None:
         return None
     try:
-        size = os.fstat(fd).st_size
-        end, data, events = size, b"", []
-        while end > 0 and size - end < max_bytes:
-            start = max(0, end - _CHUNK)
+        end = os.fstat(fd).st_size
+        newest: list[Event] = []
+        marker: list[Event] = []
+        carry = b""  # the cut-off start of the chunk read before
+        first = True
+        while end > 0 and not marker and os.fstat(fd).st_size - end < max_bytes:
+            start = max(0, end - (_CHUNK // 4 if first else _CHUNK))
             os.lseek(fd, start, os.SEEK_SET)
-            data = os.read(fd, end - start) + data
+            data = os.read(fd, end - start) + carry
             end = start
             lines = data.split(b"\n")
-            if start > 0:
-                lines = lines[1:]  # possibly cut
-            events = [e for e in (decode(x) for x in lines if x.strip()) if e is not None]
-            if any(e.kind in ("open", "heartbeat") for e in events):
-                break
+            carry = lines.pop(0) if start > 0 else b""
+            if first:
+                newest = [e for e in map(decode, filter(bytes.strip, lines)) if e is not None]
+                first = False
+                if any(e.kind in ("open", "heartbeat", "start") for e in newest):
+                    break
+                continue
+            for line in reversed(lines):
+                if any(m in line for m in _MARKERS) and (event := decode(line)) is not None:
+                    marker = [event]
+                    break
     finally:
         os.close(fd)
-    return summarize(events)
+    return summarize(marker + newest)
 
 
 def summarize(events: list[Event]) -> Progress:

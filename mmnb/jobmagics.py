@@ -18,7 +18,6 @@ magic parses its line (with the CLI's own option tables and parsers) and calls t
 from __future__ import annotations
 
 import argparse
-import time
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -31,8 +30,6 @@ from IPython.core.magic_arguments import (
 )
 
 from .cli import user_errors, user_message
-
-APPEAR_TIMEOUT = 120.0  # seconds %attach waits for a just-started job to create its run
 
 
 def _usage(err: BaseException) -> UsageError:
@@ -74,14 +71,14 @@ class JobMagics(Magics):
     def attach(self, line: str) -> None:
         """Show the live dashboard of a run trained in another process (detached, queued, another
         kernel) — after a kernel restart too. Stop and Checkpoint now act on it."""
-        from .jobs.attach import Attachment
+        from .jobs.attach import Attachment, appeared
         from .store import Store
 
         args = parse_argstring(self.attach, line)
         store = Store(args.store)
         try:
             name = args.name or _default_run(store)
-            run = self._appeared(store, name)
+            run = appeared(store, name)
         except user_errors() as err:
             raise _usage(err) from None
         listener, dashboard = self._listener(run.name)
@@ -105,31 +102,6 @@ class JobMagics(Magics):
                 dashboard.freeze()
             if not ended:
                 print(f"stopped waiting after {args.timeout:g}s; run {run.name} goes on")
-
-    def _appeared(self, store: Any, name: str) -> Any:
-        """The run `name`, waiting while a detached or queued job that creates it starts."""
-        from .jobs import detach
-        from .launch import tail_lines
-        from .store import StoreError
-
-        deadline = time.monotonic() + APPEAR_TIMEOUT
-        while True:
-            try:
-                return store.run(name)
-            except StoreError:
-                job = detach.find(store, name)
-                starting = job is not None and job.alive()
-                if not starting and not _queued(store, name):
-                    if job is not None:  # it ended before creating the run: say why
-                        last = tail_lines(job.logs / "stderr.log", 1) if job.logs else []
-                        raise UsageError(
-                            f"the detached job of run {name!r} ended (exit {job.poll()}) "
-                            f"before creating it: {last[0] if last else 'no output'}"
-                        ) from None
-                    raise
-                if time.monotonic() > deadline:
-                    raise UsageError(f"run {name!r} has not appeared yet; try again") from None
-                time.sleep(0.2)
 
     def _listener(self, name: str) -> tuple[Any, Any]:
         """(listener, dashboard): the widget dashboard in a kernel, else a console bar."""
@@ -168,15 +140,16 @@ class JobMagics(Magics):
                 if started:
                     print(started)
                 return
+            if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
+                from IPython.display import display
+
+                from .widgets.queue import QueueTab  # the table, pipelines, Refresh, Cancel
+
+                display(QueueTab(cli_jobs._store(args.store).path))
+                return
             cli_jobs.queue_command(args)
         except user_errors() as err:
             raise _usage(err) from None
-        if args.verb == "ls" and getattr(self.shell, "kernel", None) is not None:
-            from IPython.display import display
-
-            from .widgets.queue import QueueTab
-
-            display(QueueTab(cli_jobs._store(args.store).path))
 
     # ---- %pipeline ----
     @magic_arguments()

@@ -44,6 +44,11 @@ RUN_OPTIONS: list[Option] = [
     _opt(
         "--dtype", choices=["fp32", "bf16"], help="fp32, or bf16 autocast with fp32 master weights"
     ),
+    _opt(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile the training step (the first step compiles; same checkpoints)",
+    ),
     _opt("--dropout", type=float, help="dropout probability"),
     _opt("--max-seq-len", type=int, help="tokens per sample"),
     _opt("--vocab-size", type=int, help="vocabulary size of a trained tokenizer"),

@@ -28,19 +28,59 @@ def metric_parts(loss: float | None, lr: float | None, tokens_per_s: float | Non
     return parts
 
 
+def prepare_text(info: dict[str, Any]) -> str:
+    """One line on data preparation (a `prepare` event), the same for every renderer."""
+    parts = ["training a tokenizer" if info["stage"] == "tokenizer" else "preparing data"]
+    total, done, seconds = info["total"], info["bytes"], info["seconds"]
+    if total:
+        parts.append(f"{100 * done / total:.0f}% of {total / 2**20:,.0f} MiB")
+    if seconds > 0:
+        parts.append(f"{done / 2**20 / seconds:,.1f} MiB/s")
+        if info["tokens"]:
+            parts.append(f"{info['tokens'] / seconds:,.0f} tok/s")
+        if total and done:
+            parts.append(f"ETA {max(total - done, 0) * seconds / done:,.0f}s")
+    return " · ".join(parts)
+
+
 class ConsoleProgress:
     """A listener: `mmnb.train(..., listeners=[ConsoleProgress()])`."""
 
-    def __init__(self, file: IO[str] | None = None, mininterval: float = 0.2) -> None:
+    def __init__(
+        self, file: IO[str] | None = None, mininterval: float = 0.2, prepare_delay: float = 0.5
+    ) -> None:
         self.file = file or sys.stderr
         self.mininterval = mininterval
+        # Data preparation is shown only once it lasts this long: small data sets print nothing,
+        # so a mistake in the data still gives one line.
+        self.prepare_delay = prepare_delay
         self.bar: Any = None
         self._mark: tuple[float, int] | None = None  # (time, tokens) at the last update
         self.messages: list[str] = []
 
     def __call__(self, event: Event) -> None:
         info = event.info
-        if event.kind == "start":
+        if event.kind == "prepare":
+            desc = "training a tokenizer" if info["stage"] == "tokenizer" else "preparing data"
+            if self.bar is not None and self.bar.desc != desc:
+                self.close()
+            if self.bar is None:
+                self.bar = tqdm(
+                    total=info["total"],
+                    file=self.file,
+                    mininterval=self.mininterval,
+                    delay=self.prepare_delay,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=desc,
+                    dynamic_ncols=True,
+                )
+            if info["tokens"] and info["seconds"] > 0:
+                rate = info["tokens"] / info["seconds"]
+                self.bar.set_postfix({"tok/s": f"{rate:,.0f}"}, refresh=False)
+            self.bar.update(info["bytes"] - self.bar.n)
+        elif event.kind == "start":
             self.close()
             self.bar = tqdm(
                 total=info["total"],

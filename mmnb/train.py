@@ -34,6 +34,7 @@ from .data import TokenDataset, epoch_order
 from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
 from .schedule import Plan
+from .speed import compile_model, make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
 
@@ -209,13 +210,12 @@ class Trainer:
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
         self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
-            lr=train_config.lr,
-            betas=(train_config.beta1, train_config.beta2),
-            eps=train_config.eps,
-            weight_decay=train_config.weight_decay,
-        )
+        self.optimizer = make_optimizer(self.model.parameters(), train_config, self.device)
+        # What the training step calls: the model itself, or a compiled wrapper around it that
+        # shares its parameters (so state_dict keys are unchanged).
+        self._forward: Callable[..., Any] = self.model
+        if train_config.compile:
+            self._forward = compile_model(self.model, train_config.max_seq_len)
         self.plan = plan_for(train_config, self.steps_per_epoch)
         # Counters: the state at the last optimizer-step boundary.
         self.step = 0  # optimizer steps completed
@@ -250,6 +250,7 @@ class Trainer:
         self._guard = _InterruptGuard()
         self._stop_said = False  # a stop event was emitted by this fit()
         self._autocast = train_config.dtype == "bf16"
+        self._compiled = False  # a compiled step has run (the compile cost is paid)
 
     # ---- control from other threads / front-ends ----
     def stop(self) -> None:
@@ -317,7 +318,13 @@ class Trainer:
                 steps_per_epoch=self.steps_per_epoch,
                 epoch=self.epoch,  # where the session starts, for progress displays
                 epoch_step=self.position // self.samples_per_step,
+                threads=torch.get_num_threads(),  # bitwise resume needs the same count
             )
+            if cfg.compile and not self._compiled:
+                self.emit(
+                    "notice",
+                    text="compiling the model (torch.compile): the first step takes longer",
+                )
             try:
                 while True:
                     reason = self._stop_reason(start)
@@ -330,6 +337,7 @@ class Trainer:
                         self._train_step()
                     except _RolledBack:
                         continue  # from the restored boundary (its own elapsed time)
+                    self._compiled = cfg.compile
                     self.elapsed += time.perf_counter() - t0
                     reasons = self._checkpoint_reasons()
                     if cfg.stop_at is not None and self.step == cfg.stop_at:
@@ -429,7 +437,7 @@ class Trainer:
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-                out = model(input_ids, labels, generator=generator)
+                out = self._forward(input_ids, labels, generator=generator)
             if self.inject_nonfinite == self.step + 1 and micro == 0:
                 self.inject_nonfinite = None
                 out.loss = out.loss * float("nan")

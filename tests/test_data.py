@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -73,6 +75,7 @@ class NoEncoding:
         self._tok = tok
         self.fingerprint, self.pad_id = tok.fingerprint, tok.pad_id
         self.bos_id, self.eos_id = tok.bos_id, tok.eos_id
+        self.vocab_size = tok.vocab_size
 
     def encode(self, text):
         raise AssertionError("tokenised again")
@@ -171,6 +174,30 @@ def test_data_fingerprint(tmp_path):
         data_fingerprint(tmp_path / "gone.txt")
 
 
+def test_fingerprint_of_an_unchanged_file_is_remembered_exactly(tmp_path, monkeypatch):
+    from mmnb import records
+
+    monkeypatch.setattr(records, "_SETTLED", 0.05)
+    monkeypatch.setattr(records, "_fingerprints", {})
+    memo = tmp_path / "memo"
+    path = write(tmp_path / "d.txt", "hello world")
+    assert data_fingerprint(path, memo) == hashlib.sha256(b"hello world").hexdigest()
+    assert not memo.exists()  # just written: its timestamp cannot vouch for its bytes yet
+    time.sleep(0.1)
+    real = data_fingerprint(path, memo)
+    (saved,) = memo.iterdir()
+    # A fresh process trusts the memo while the file's identity (inode, size, times) holds.
+    records._fingerprints.clear()
+    saved.write_text(saved.read_text().replace(real, "f" * 64))
+    assert data_fingerprint(path, memo) == "f" * 64
+    # Same size, other bytes, mtime set back: the ctime still moved, so it is hashed again.
+    before = path.stat()
+    path.write_text("HELLO WORLD", encoding="utf-8")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+    assert data_fingerprint(path, memo) == hashlib.sha256(b"HELLO WORLD").hexdigest()
+
+
 def test_training_texts():
     assert training_texts("pretrain", ["a", "b"]) == ["a", "b"]
     assert training_texts("sft", CONVERSATIONS[:1]) == [render_chat(CONVERSATIONS[0])]
@@ -235,7 +262,13 @@ def test_second_build_loads_the_cache_without_tokenising(tmp_path, tok, cache):
     path = jsonl(tmp_path / "c.jsonl", [{"conversations": c} for c in CONVERSATIONS])
     first = build_dataset(path, tok, seq_len=64)
     files = sorted((cache / "tokens").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temp files left behind
+    assert [f.name[:3] for f in files] == ["v2-"]  # one entry, no temporary folder left behind
+    assert sorted(p.name for p in files[0].iterdir()) == [
+        "meta.json",
+        "offsets.bin",
+        "supervised.bin",
+        "tokens.bin",
+    ]
     for seq_len in (64, 16):  # one cache entry serves every seq_len
         again = build_dataset(path, NoEncoding(tok), seq_len=seq_len)
         assert again.kind == "sft" and len(again) == len(first)

@@ -24,6 +24,7 @@ def test_the_tutorials_exist():
         "03-branch-and-extend",
         "04-sft-chat",
         "05-your-own-data",
+        "06-queue-and-pipelines",
     ]
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
 
 import pytest
 import torch
 
 import mmnb
 from conftest import assert_same_state
+from mmnb.data import build_dataset, epoch_order
 from mmnb.events import read_events
 from mmnb.jobs import recovery
 from mmnb.train import NonFiniteError
@@ -60,8 +63,52 @@ def test_on_anomaly_stop_is_one_error_and_no_nonfinite_checkpoint(store, micro, 
     assert run.info()["history"] == []
 
 
-def test_rollbacks_are_limited_and_recorded_across_a_resume(store, micro, monkeypatch):
+def test_a_resume_from_before_a_rollback_takes_the_recorded_path(store, micro, monkeypatch):
+    monkeypatch.setenv(recovery.FAULT_ENV, "11")
+    run = mmnb.train(
+        "a", store=store, max_steps=24, save_every=4, on_anomaly="rollback", **micro
+    )  # fmt: skip
+    monkeypatch.delenv(recovery.FAULT_ENV)
+    final = run.load()
+    again = mmnb.resume("a", store=store, step=8)  # checkpoint 8 is from before the rollback
+    assert_same_state(again.trainer.state_dict(), final)
     monkeypatch.setenv(recovery.FAULT_ENV, "3")
     with pytest.raises(NonFiniteError, match="non-finite loss"):
-        mmnb.train("a", store=store, max_steps=8, on_anomaly="rollback", max_rollbacks=0, **micro)
-    assert store.run("a").info()["history"] == []
+        mmnb.train("b", store=store, max_steps=8, on_anomaly="rollback", max_rollbacks=0, **micro)
+    assert store.run("b").info()["history"] == []
+
+
+def test_a_crafted_sample_that_spikes_the_loss_is_skipped_and_replayed_bitwise(
+    store, micro, tmp_path
+):
+    # 40 CJK characters: byte tokens this corpus never uses, so a trained model finds them very
+    # unlikely. With seed 1338 and one sample per step, their first sample comes at step 150.
+    with open(micro["data"], encoding="utf-8") as f:
+        lines = f.read()
+    rng = random.Random(0)
+    crafted = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(40))
+    data = tmp_path / "crafted.jsonl"
+    data.write_text(lines + json.dumps({"text": crafted}) + "\n", encoding="utf-8")
+    options = dict(micro, data=str(data), batch_size=1, seed=1338, max_steps=200, save_every=10)
+    with pytest.raises(
+        NonFiniteError, match=r"loss spike \(.* > 1.5 x the running mean .*\) at step 150"
+    ):
+        mmnb.train("stop", store=store, spike_factor=1.5, **options)
+    assert store.run("stop").latest().step == 140  # nothing of the spike was applied or saved
+    run = mmnb.train("a", store=store, spike_factor=1.5, on_anomaly="rollback", **options)
+    history = run.info()["history"]
+    assert [e["what"].split(" (")[0] for e in history] == ["loss spike"] * len(history)
+    first = history[0]
+    assert (first["anomaly_step"], first["step"], first["skip"]) == (
+        150, 140, [{"epoch": 0, "start": 140, "end": 150}],
+    )  # fmt: skip
+    # The crafted sample's position in the epoch's order lies in the skipped window.
+    tokenizer = mmnb.load_model(run)[1]
+    dataset = build_dataset(str(data), tokenizer, micro["max_seq_len"])
+    order = epoch_order(len(dataset), 1338, 0)
+    text = tokenizer.decode(dataset.batch([int(order[149])])[0][0].tolist())
+    assert any(ch in crafted for ch in text)
+    state = run.load()
+    assert state["trainer"]["step"] == 200
+    assert all(math.isfinite(x) for x in state["metrics"]["loss"])
+    assert_same_state(recovery.replay(run, store=store).load(), state)

@@ -34,6 +34,42 @@ Listener = Callable[[Event], None]
 _OWN = ("open", "heartbeat", "close", "control")
 
 
+APPEAR_TIMEOUT = 120.0  # seconds to wait for a just-started job to create its run
+
+
+def appeared(store: Any, name: str, timeout: float = APPEAR_TIMEOUT) -> Any:
+    """The run `name` of `store`, waiting while a detached or queued job that creates it is
+    starting; a StoreError if there is none, a ValueError saying why the job ended first."""
+    import time
+
+    from ..launch import tail_lines
+    from ..store import StoreError
+    from . import detach
+    from .queue import FILE, Queue
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return store.run(name)
+        except StoreError:
+            job = detach.find(store, name)
+            queued = False
+            if (store.path / FILE).is_file():
+                with Queue(store) as queue:
+                    queued = any(j.run == name for j in queue.jobs(["queued", "running"]))
+            if not queued and (job is None or not job.alive()):
+                if job is not None:  # it ended before creating the run: say why
+                    last = tail_lines(job.logs / "stderr.log", 1) if job.logs else []
+                    raise ValueError(
+                        f"the detached job of run {name!r} ended (exit {job.poll()}) before "
+                        f"creating it: {last[0] if last else 'no output'}"
+                    ) from None
+                raise
+            if time.monotonic() > deadline:
+                raise ValueError(f"run {name!r} has not appeared after {timeout:g}s") from None
+            time.sleep(0.2)
+
+
 class RemoteTrainer:
     """What a dashboard's buttons need of a trainer, for one in another process."""
 

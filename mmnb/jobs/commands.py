@@ -145,7 +145,15 @@ def from_args(
     parser = parser_for(verb)
     args = argparse.Namespace(**vars(args))
     args.store = str(Path(store.path).resolve())
-    names = run_names(Path(store.path)) | set(taken)
+    existing = run_names(Path(store.path))
+    names = existing | set(taken)
+
+    def free(name: str) -> None:
+        if name in existing:
+            raise ValueError(f"run {name!r} already exists in store {store.path}")
+        if name in taken:
+            raise ValueError(f"run {name!r} is already the run of a queued job")
+
     run: str | None
     if verb == "train":
         if args.name and getattr(args, "run_flag", None) and args.name != args.run_flag:
@@ -153,15 +161,13 @@ def from_args(
         run = args.name or getattr(args, "run_flag", None) or _new_name(names, "run")
         args.name, args.run_flag = run, None
         check_run_name(run)
-        if run in names:
-            raise ValueError(f"run {run!r} already exists in store {store.path} (or is queued)")
+        free(run)
     elif verb == "branch":
         check_run_name(args.name)
         run = args.new_name or _new_name(names, f"{args.name}-b")
         args.new_name = run
         check_run_name(run)
-        if run in names:
-            raise ValueError(f"run {run!r} already exists in store {store.path} (or is queued)")
+        free(run)
     else:
         if args.name is None:
             from ..store import Store, StoreError
@@ -172,11 +178,29 @@ def from_args(
                 raise ValueError("give the run to resume (the store has none yet)") from None
         check_run_name(args.name)
         run = args.name
+    _check_values(verb, args)
     argv = to_argv(parser, args)
     session = to_argv(parser, argparse.Namespace(**_only(args, RESUME_DESTS)))
     extends = verb == "resume" and (args.epochs is not None or args.more_epochs is not None)
     nproc = int(getattr(args, "nproc", None) or 1)
     return JobCommand(verb, argv, run, nproc, session, extends=extends, cwd=os.getcwd())
+
+
+def _check_values(verb: str, args: argparse.Namespace) -> None:
+    """The values a job's config will be built from, checked now by the one validator (the
+    flag is named; `mmnb.validate`). A branch's overrides are checked against its parent when
+    it runs: the parent may not exist yet."""
+    from ..config import parse_duration, resolve
+    from ..options import INIT_OPTIONS, RUN_OPTIONS, SESSION_OPTIONS, collect
+
+    values = collect(args, SESSION_OPTIONS)
+    if "time_budget" in values:
+        values["time_budget"] = parse_duration(values["time_budget"])
+    if verb == "train" and getattr(args, "init_from", None) is None:
+        values.update(collect(args, RUN_OPTIONS + INIT_OPTIONS))
+        resolve(values.pop("preset", None) or "tiny", **values)
+    else:
+        resolve("tiny", **values)
 
 
 def run_names(folder: Path) -> set[str]:

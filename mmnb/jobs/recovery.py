@@ -140,7 +140,8 @@ class Recovery:
             + (f", lr x {cfg.rollback_lr_scale:g}" if cfg.rollback_lr_scale != 1 else "")
             + f" (rollback {done + 1} of at most {cfg.max_rollbacks})"
         )
-        trainer.emit("recover", **{k: v for k, v in entry.items() if k != "kind"}, text=text)
+        info = {k: v for k, v in entry.items() if k != "kind"}
+        trainer.emit("recover", action="rollback", **info, text=text)
         trainer.emit("notice", text=text)
         return AnomalyAction.ROLLBACK  # the loop goes on from step c; at_boundary skips
 

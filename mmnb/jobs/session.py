@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from ..events import EventWriter
@@ -41,6 +42,11 @@ def open_session(run: Any, trainer: Any) -> EventWriter:
         except ValueError:
             info = None
         if isinstance(info, dict) and isinstance(info.get("text"), str):
+            info = {k: v for k, v in info.items() if k not in ("kind", "step")}
+            # In the run's history too: the browser marks it on the loss plot.
+            entry = {"kind": "restart", "step": trainer.step, "time": time.time(), **info}
+            history = run.info().get("history", [])
+            run.update_attrs(history=[*history, entry])
             trainer.emit("recover", **info)
             trainer.emit("notice", text=info["text"])
     return writer

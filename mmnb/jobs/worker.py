@@ -15,7 +15,9 @@ How an attempt ends decides what follows (`_outcome`):
 - exit 2 (a user mistake: bad flag, missing file) or an anomaly stop: failed, no restart —
   running it again would fail again;
 - anything else (a crash, OOM, a signal, a status nobody saw) and a stalled job (no progress in
-  its event stream for `stall_timeout` seconds: killed with SIGKILL, even if SIGSTOPped) is
+  its event stream for `stall_timeout` seconds — a new step, a checkpoint; the heartbeat of a
+  stuck loop repeats its step and does not count — killed with SIGKILL, even if SIGSTOPped;
+  until its first record an attempt gets `STARTUP_GRACE` at least, for imports and data) is
   restarted from the newest checkpoint after `restart_delay * 2**k` seconds (capped at 5 min),
   up to `max_restarts` times; each restart is announced in the run's event stream (a `recover`
   event and a notice) through `$MMNB_RECOVERY`.
@@ -43,6 +45,7 @@ from .queue import ENDED, Queue, QueuedJob, QueueError, ensure_private, jobs_fol
 
 LOCK = "worker.lock"
 MAX_BACKOFF = 300.0
+STARTUP_GRACE = 120.0  # seconds an attempt may take to write its first record (imports, data)
 CANCEL_GRACE = 60.0  # seconds a job gets to stop by itself before it is killed
 
 
@@ -72,6 +75,20 @@ def running_worker(store: Any) -> launch.ProcessRecord | None:
         os.close(fd)
 
 
+def stop_worker(store: Any, timeout: float = 90.0) -> bool:
+    """Stop the worker of `store` the clean way (SIGTERM: its jobs stop at their next step,
+    checkpointed, and are queued again); False if none runs."""
+    record = running_worker(store)
+    if record is None or not record.pid:
+        return False
+    job = launch.Job(record)
+    if not job.signal(signal.SIGTERM, group=False):
+        return False
+    if job.wait(timeout) is None:
+        job.kill()
+    return True
+
+
 def start_detached(store: Any, idle_exit: float = 60.0, slots: int = 1) -> launch.Job:
     """Start `mmnb worker` for `store` in its own session (what `%queue` does when none runs);
     it exits after `idle_exit` seconds with nothing to do."""
@@ -95,6 +112,7 @@ class _Active:
     stop_reason: str | None = None
     cancel_sent: float | None = None
     stalled: bool = False
+    opened: bool = False  # the attempt's process has written to its stream
 
 
 class Worker:
@@ -202,7 +220,7 @@ class Worker:
         recovery = None
         if job.attempts:
             text = f"job {job.id} restarted (attempt {attempt}): {job.note or 'it ended early'}"
-            recovery = json.dumps({"kind": "restart", "attempt": attempt, "text": text})
+            recovery = json.dumps({"action": "restart", "attempt": attempt, "text": text})
         cwd = job.command.cwd if job.command.cwd and os.path.isdir(job.command.cwd) else None
         process = launch.start(
             argv, logs=logs, env=commands.job_env(job.id, recovery), cwd=cwd or self.store_path
@@ -238,7 +256,9 @@ class Worker:
                 self._ask_stop(job)
             elif active.cancel_sent and time.monotonic() - active.cancel_sent > CANCEL_GRACE:
                 active.process.kill()
-            elif job.stall_timeout and time.monotonic() - active.last_progress > job.stall_timeout:
+            elif job.stall_timeout and time.monotonic() - active.last_progress > (
+                job.stall_timeout if active.opened else max(job.stall_timeout, STARTUP_GRACE)
+            ):
                 active.stalled = True
                 self.log(f"job {job.id}: no progress for {job.stall_timeout:g}s: killing it")
                 active.process.kill()
@@ -261,6 +281,7 @@ class Worker:
         for event in active.follower.poll():
             if event.info.get("job") not in (None, str(job.id)) and event.kind == "open":
                 continue
+            active.opened = True
             progressed = event.kind in ("open", "start", "checkpoint", "recover")
             if event.kind in ("step", "heartbeat") and event.step > active.step:
                 progressed = True

@@ -347,13 +347,21 @@ class Browser:
 
 
 def recovery_steps(run: Run) -> list[int]:
-    """Steps a recovery rolled the run back to (from its recorded history)."""
-    from ..jobs.recovery import recoveries
-
+    """Steps where a recovery continued the run (a rollback's target, a restart's checkpoint),
+    from its recorded history."""
     try:
-        return sorted({e["step"] for e in recoveries(run.info().get("history", []))})
+        history = run.info().get("history", [])
     except Exception:  # a damaged run file: no markers rather than no plot
         return []
+    return sorted(
+        {
+            e["step"]
+            for e in history
+            if isinstance(e, dict)
+            and e.get("kind") in ("rollback", "restart")
+            and isinstance(e.get("step"), int)
+        }
+    )
 
 
 def _nearest(entry: RunEntry, step: int) -> int:

@@ -1,0 +1,155 @@
+"""Data larger than memory: preparing a ~1 GB JSONL, and how soon training starts from it.
+
+    python benchmarks/bench_data.py                 # ~1 GB generated JSONL
+    python benchmarks/bench_data.py --quick         # ~100 MB
+    python benchmarks/bench_data.py --size-mb 2048  # any size
+
+1. A JSONL of pretraining documents is generated with the corpus generator (`mmnb.corpus`,
+   a new seed per block of documents, so no two blocks repeat).
+2. A fresh process trains the tokenizer (on its bounded sample) and prepares the token cache;
+   it reports the throughput (MB/s of input, tokens/s) and its peak resident memory (VmHWM of
+   that process: one measurement — a peak is a maximum, not a median).
+3. From the prepared cache, fresh processes time `mmnb.train` from its call to the end of the
+   first optimizer step, with the token file's pages dropped (cold) or cached (warm), the two
+   alternated over the rounds; medians and ranges are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import benchlib
+from mmnb import corpus
+
+TARGETS = [
+    "peak resident memory while preparing a 1 GB JSONL <= 1.5 GiB",
+    "first optimizer step within 2 s of calling train on a prepared cache (fresh process)",
+    "prep throughput: reported (MB/s of input, tokens/s), no fixed target",
+]
+
+_MODEL = dict(hidden_size=64, layers=2, heads=2, kv_heads=1, intermediate_size=128)
+
+
+def generate(path: Path, size_mb: int) -> float:
+    """Write ~size_mb MiB of corpus documents as JSONL; return the seconds it took."""
+    t0 = time.perf_counter()
+    target = size_mb << 20
+    seed = 0
+    with open(path, "w", encoding="utf-8") as f:
+        while f.tell() < target:
+            docs = corpus.generate_pretrain(seed=seed, num_docs=2000)
+            f.write("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
+            seed += 1
+    return time.perf_counter() - t0
+
+
+PREPARE = textwrap.dedent("""
+    import json, sys, time
+    from mmnb.data import build_dataset, tokenizer_for
+    path, vocab = sys.argv[1], int(sys.argv[2])
+    t0 = time.perf_counter()
+    tok = tokenizer_for(path, vocab)
+    t1 = time.perf_counter()
+    ds = build_dataset(path, tok, 256)
+    t2 = time.perf_counter()
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
+    print(json.dumps({"tokenizer_s": t1 - t0, "prepare_s": t2 - t1, "tokens": len(ds._tokens),
+                      "peak_kib": int(hwm)}))
+""")
+
+FIRST_STEP = textwrap.dedent("""
+    import json, sys, tempfile, time
+    import mmnb
+    path, vocab, model = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    t0 = time.perf_counter()
+    first = []
+    def on(event):
+        if event.kind == "step" and not first:
+            first.append(time.perf_counter() - t0)
+    mmnb.train(store=tempfile.mkdtemp(), data=path, vocab_size=vocab, max_steps=1, log_every=1,
+               max_seq_len=256, batch_size=4, listeners=[on], **model)
+    print(json.dumps({"first_step_s": first[0]}))
+""")
+
+
+def run_child(code: str, *args: str, env: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env
+    )
+    if out.returncode:
+        raise SystemExit(f"child failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mb", type=int, default=1024)
+    parser.add_argument("--quick", action="store_true", help="~100 MB, 5 rounds")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--vocab-size", type=int, default=6400)
+    args = parser.parse_args()
+    if args.quick:
+        args.size_mb, args.rounds = 100, 5
+    benchlib.header("data larger than memory: streaming preparation", TARGETS)
+    folder = Path(tempfile.mkdtemp(prefix="mmnb-bench-data-", dir=os.environ.get("BENCH_DIR")))
+    env = {**os.environ, "MMNB_CACHE": str(folder / "cache")}
+    try:
+        data = folder / "big.jsonl"
+        gen_s = generate(data, args.size_mb)
+        size = data.stat().st_size
+        print(f"generated {size / 2**20:,.0f} MiB of JSONL in {gen_s:.0f}s ({data})")
+
+        prep = run_child(PREPARE, str(data), str(args.vocab_size), env=env)
+        mib = size / 2**20
+        print(f"\ntokenizer (bounded sample, vocab {args.vocab_size}): {prep['tokenizer_s']:.1f}s")
+        print(
+            f"prepare: {prep['prepare_s']:.1f}s = {mib / prep['prepare_s']:,.1f} MiB/s, "
+            f"{prep['tokens'] / prep['prepare_s']:,.0f} tokens/s ({prep['tokens']:,} tokens)"
+        )
+        peak = prep["peak_kib"] / 2**20
+        print(f"peak resident memory of the preparing process: {peak:.2f} GiB (target <= 1.5)")
+        cache_files = list((folder / "cache" / "tokens").glob("v*/tokens.bin"))
+        print(f"token file: {cache_files[0].stat().st_size / 2**20:,.0f} MiB")
+
+        model = json.dumps(_MODEL)
+
+        def cold() -> float:
+            benchlib.drop_page_cache(cache_files[0])
+            benchlib.drop_page_cache(data)
+            return run_child(FIRST_STEP, str(data), str(args.vocab_size), model, env=env)[
+                "first_step_s"
+            ]
+
+        def warm() -> float:
+            return run_child(FIRST_STEP, str(data), str(args.vocab_size), model, env=env)[
+                "first_step_s"
+            ]
+
+        warm()  # the tokenizer and the imports are warm for both from here on
+        times = benchlib.alternate({"cold": cold, "warm": warm}, args.rounds)
+        print(
+            f"\ntrain() call to the end of the first step, fresh process, cache prepared "
+            f"({args.rounds} rounds, alternated):"
+        )
+        for name, values in times.items():
+            print(f"  {name} page cache: {benchlib.spread(values)} s (target <= 2)")
+        print(
+            "  (includes hashing the data file to find its cache entry: sha256 of "
+            f"{mib:,.0f} MiB; cold also reads it from disk)"
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    benchlib.footer()
+
+
+if __name__ == "__main__":
+    main()
