@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
+import benchlib  # noqa: E402
 import mmnb  # noqa: E402
 from mmnb.config import resolve  # noqa: E402
 from mmnb.data import build_dataset, tokenizer_for  # noqa: E402
@@ -75,13 +76,14 @@ def overhead(label: str, options: dict, steps: int, rounds: int) -> None:
                 dashboards.append(dash)
             else:
                 bare.append(_fit_seconds(setup, steps, None))
-    ratio = sum(shown) / sum(bare)
+    ratio = benchlib.spread(benchlib.ratios(shown, bare))
     dash = dashboards[-1]
     print(
         f"{label}: {steps} steps x {rounds} rounds, an event per step\n"
-        f"  without dashboard {statistics.median(bare):.3f}s  with {statistics.median(shown):.3f}s"
-        f"  (median per round; {steps / statistics.median(bare):.0f} steps/s)\n"
-        f"  ratio {ratio:.3f} (target <= 1.03); last run drew text {dash.draws['text']}x, "
+        f"  without dashboard {benchlib.spread(bare)}s  with {benchlib.spread(shown)}s"
+        f"  (median (range) per round; {steps / statistics.median(bare):.0f} steps/s)\n"
+        f"  ratio {ratio} median (range) of pairs (target <= 1.03); last run drew text "
+        f"{dash.draws['text']}x, "
         f"plot {dash.draws['plot']}x ({dash.plot.full_draws} full draws)"
     )
 
@@ -130,13 +132,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    overhead("tiny preset", {}, 60 if args.quick else 150, 2 if args.quick else 4)
-    overhead("micro model", MICRO, 300 if args.quick else 1500, 2 if args.quick else 4)
+    benchlib.header(
+        "widget costs",
+        [
+            "training with / without the dashboard <= 1.03",
+            "slider move on 1,000 checkpoints < 200 ms",
+        ],
+    )
+    overhead("tiny preset", {}, 60 if args.quick else 150, 6 if args.quick else 8)
+    overhead("micro model", MICRO, 300 if args.quick else 1500, 6 if args.quick else 8)
     folder = Path(tempfile.mkdtemp(prefix="mmnb-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
         slider(folder, 200 if args.quick else 1000)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    benchlib.footer()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,7 +33,7 @@ from .jobs import recovery
 from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError, check_run_name
+from .store import CorruptCheckpoint, Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 from .validate import (
@@ -50,6 +52,7 @@ Listener = Callable[[Event], None]
 # Options a plain resume may change: they do not alter the trajectory, only this session.
 SESSION_FIELDS = (
     *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    "async_save",  # how checkpoints are written, never what
     # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
     *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
 )
@@ -61,6 +64,34 @@ DATA_FIELDS = ("data", "tokenizer", "max_seq_len", "batch_size", "accum")
 
 def _store(store: Store | str | None) -> Store:
     return store if isinstance(store, Store) else Store(store)
+
+
+def _with_progress(
+    listeners: Iterable[Listener], progress: bool | None, background: bool
+) -> list[Listener]:
+    """`listeners`, plus a console progress bar (tqdm on stderr) when `progress` is True, or
+    when it is None (the default), nobody else listens, training blocks and a person is
+    watching: stderr is a terminal or Python runs interactively. `progress=False` turns it off."""
+    listeners = list(listeners)
+    if progress is None:
+        ipython = sys.modules.get("IPython")  # already imported by a shell; never imported here
+        shell = ipython.get_ipython() if ipython is not None else None
+        interactive = (
+            hasattr(sys, "ps1") or sys.flags.interactive or _is_tty(sys.stderr) or shell is not None
+        )
+        progress = not listeners and not background and bool(interactive)
+    if progress:
+        from .progress import ConsoleProgress  # a front-end, imported only when asked for
+
+        listeners.append(ConsoleProgress())
+    return listeners
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def _normalise(options: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +109,7 @@ def train(
     device: str = "cpu",
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Start a new run named `run` (auto-named when None) and train it.
@@ -85,8 +117,11 @@ def train(
     `options` are config fields (see `mmnb.config`): `preset`, `data`, `epochs`, `lr`, …
     With `start=False` the run is created and its step-0 checkpoint written, but not trained.
     With `background=True` training runs in a thread; `run.stop()`, `run.wait()`.
+    A tqdm bar shows progress when a person watches (a terminal, an interactive session or a
+    notebook) and no other listener is given; `progress=False` turns it off, True forces it.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if run is not None:
         check_run_name(run)
     options = _normalise(options)
@@ -106,12 +141,13 @@ def train(
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
+    dataset = _dataset(train_cfg, tokenizer, prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
             for name, tensor in trainer.model.state_dict().items():
-                tensor.copy_(source.state[name])
+                if ".lora." not in name:  # LoRA adapters start as drawn: B = 0
+                    tensor.copy_(source.state[name])
     handle = store.create_run(
         run or store.new_name(),
         config_to_dict(model_cfg, train_cfg),
@@ -125,6 +161,10 @@ def train(
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
+        if trainer.lora or train_cfg.objective == "dpo":
+            # A run that is LoRA or DPO from its start: step 0 (written whole) is its frozen
+            # base and its reference; the checkpoints after it refer to it.
+            _start_frozen(trainer, store, handle)
     except BaseException as err:
         if stream is not None:
             stream.close(err)
@@ -164,6 +204,7 @@ def resume(
     listeners: Iterable[Listener] = (),
     device: str = "cpu",
     background: bool = False,
+    progress: bool | None = None,
     **options: Any,
 ) -> Run:
     """Continue `run` (the newest run when None) from the store alone.
@@ -175,6 +216,7 @@ def resume(
     Only session options (stop_at, time_budget, save_every, …) may be given.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     check_store(store.path, write=False)
@@ -216,10 +258,9 @@ def resume(
                 state, corrupt = handle.load_newest()
             else:
                 state, corrupt = handle.load(step), []
-            where = f"run {handle.name!r} step {state['trainer']['step']}"
             trainer = _restore(
-                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners,
-                where,
+                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle,
+                listeners,
             )  # fmt: skip
             # A newer checkpoint that is corrupt is recomputed (the trajectory is a pure
             # function of config, seed and data) and replaced when training passes it.
@@ -322,6 +363,7 @@ def branch(
     device: str = "cpu",
     start: bool = True,
     background: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> Run:
     """A new run whose parent is (`run`, `step`), sharing the parent's history up to `step`.
@@ -331,6 +373,7 @@ def branch(
     (epoch 0 of the new data, the schedule counted from `step`). The parent is never modified.
     """
     store = _store(store)
+    listeners = _with_progress(listeners, progress, background)
     if name is not None:
         check_run_name(name)
     check_store(store.path, write=True)
@@ -390,9 +433,9 @@ def _branch(
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
     listeners = list(listeners)
-    where = f"run {parent.name!r} step {step}"
+    state = parent.load(step)
     trainer = _restore(
-        parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage, listeners, where
+        state, model_cfg, train_cfg, tokenizer_json, device, stage, parent, listeners
     )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
@@ -413,19 +456,26 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    source: Run | None = None,
     listeners: Iterable[Listener] = (),
-    where: str = "the checkpoint",
 ) -> Trainer:
-    """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
-    checkpoint holds the parent's plan and data position; the branch's own follow from its
-    config, deterministically."""
+    """A Trainer holding `state`, a checkpoint listed by run `source`. At a branch point
+    (`branch_stage` given) the inherited checkpoint holds the parent's plan and data position;
+    the branch's own follow from its config, deterministically. LoRA and DPO stages get their
+    frozen weights through `mmnb.stages`."""
+    from . import stages
+
     trainer = _fresh(model_cfg, train_cfg, tokenizer_json, device, listeners)
+    step = int(state["trainer"]["step"])
+    owner = source.store.run(source.step_info(step).run)  # who wrote it: a branch inherits
+    _, old = config_from_dict(owner.config_dict())
+    at_branch = branch_stage is not None and step == branch_stage["start"]
     try:
-        trainer.load_state_dict(state)
+        stages.load(trainer, state, source.store, owner, old, at_branch)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
         # The store checked every value it read; this is the last line of defence.
-        raise StoreError(f"{where} cannot be restored ({err})") from None
-    if branch_stage is not None and trainer.step == branch_stage["start"]:
+        raise StoreError(f"run {owner.name!r} step {step} cannot be restored ({err})") from None
+    if at_branch:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.step)
@@ -449,10 +499,29 @@ def _fresh(
 ) -> Trainer:
     """A Trainer at step 0 of the config, on the data with the run's tokenizer."""
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(
-        train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=_preparation(listeners)
-    )
+    dataset = _dataset(train_cfg, tokenizer, _preparation(listeners))
     return Trainer(model_cfg, train_cfg, dataset, device=device)
+
+
+def _dataset(
+    train_cfg: TrainConfig, tokenizer: Tokenizer, progress: Callable[[dict[str, Any]], None]
+) -> Any:
+    if train_cfg.objective == "dpo":  # preference pairs: small, tokenised in one go
+        from .preference import build_preference_dataset
+
+        return build_preference_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    return build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=progress)
+
+
+def _start_frozen(trainer: Trainer, store: Store, handle: Run) -> None:
+    from . import frozen, stages
+
+    ref = frozen.reference(handle, trainer.step)
+    if trainer.lora:
+        trainer.frozen["base"] = ref
+    if trainer.config.objective == "dpo":
+        trainer.frozen["reference"] = ref
+        stages.install_reference(trainer, store, ref)
 
 
 def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
@@ -480,16 +549,21 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Eve
             attach(handle)
     cfg = trainer.config
 
-    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
-        def notify(text: str) -> None:  # the trainer may be a background thread: no printing
-            t.emit("notice", text=text)
+    def notify(text: str) -> None:  # saving may run on a background thread: no printing
+        trainer.emit("notice", text=text)
 
-        info = handle.commit(t.state_dict(), reasons, tags, notify=notify)
-        protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
+    def write(state: dict[str, Any], reasons: list[str], tags: list[str]) -> Any:
+        info = handle.commit(state, reasons, tags, notify=notify)
+        plan = trainer.plan
+        protect = {s for s in (plan.decay_start, plan.start) if s is not None}
         handle.prune(cfg.keep_last, cfg.keep_every, protect, notify=notify)
         return info
 
+    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
+        return write(t.state_dict(), reasons, tags)
+
     trainer.saver = save
+    trainer.state_writer = write  # the same, given a state: for saves in the background
     recovery.install(handle, trainer)
     return open_session(handle, trainer)
 
@@ -523,14 +597,17 @@ def _launch(
 
 def load_model(run: Run, step: int | None = None) -> tuple[MiniMind, Tokenizer]:
     """The model (eval mode) and tokenizer of a checkpoint, reading only the weights."""
-    model_cfg, _ = config_from_dict(run.config_dict())
-    state = run.load(step, groups=("model",))
-    with torch.device("meta"):
-        model = MiniMind(model_cfg)
-    model.load_state_dict(state["model"], assign=True)
-    model.lm_head.weight = model.model.embed_tokens.weight  # assign=True unties; tie again
-    model.eval()
-    return model, Tokenizer.from_json(run.tokenizer_json())
+    from .frozen import build_model  # a LoRA checkpoint: its adapters on its frozen base
+
+    tokenizer = Tokenizer.from_json(run.tokenizer_json())
+    if step is not None:
+        return build_model(run, step), tokenizer
+    for info in reversed(run.steps()):  # the newest readable checkpoint, as Run.load does
+        try:
+            return build_model(run, info.step), tokenizer
+        except CorruptCheckpoint as err:
+            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+    raise StoreError(f"run {run.name!r} has no readable checkpoint")
 
 
 def generate(

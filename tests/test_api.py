@@ -95,3 +95,46 @@ def test_generate_from_a_stored_checkpoint(store, micro):
     a = mmnb.generate(model, tokenizer, "Once", max_new_tokens=8, temperature=1.0, seed=3)
     b = mmnb.generate(model, tokenizer, "Once", max_new_tokens=8, temperature=1.0, seed=3)
     assert a == b and isinstance(a, str)
+
+
+def test_plain_python_shows_a_progress_bar_on_a_terminal(tmp_path, micro):
+    """`mmnb.train(...)` with stderr on a terminal draws tqdm's bar; progress=False is quiet."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    store = str(tmp_path / "s")
+    code = (
+        "import sys, mmnb\n"
+        f"mmnb.train('a', store={store!r}, max_steps=5, **{micro!r})\n"
+        "sys.stderr.write('MARK\\n')\n"
+        f"mmnb.train('b', store={store!r}, max_steps=5, progress=False, **{micro!r})\n"
+    )
+    leader, follower = pty.openpty()
+    # a terminal of 24 x 100 (a fresh pty has no size, and tqdm fits its bar to it)
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        stderr=follower,
+        stdout=subprocess.DEVNULL,
+        timeout=120,
+        check=True,
+    )
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other side is closed and drained
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(leader)
+    shown, quiet = out.split(b"MARK")
+    assert b"5/5" in shown and b"loss=" in shown
+    assert quiet.strip() == b""

@@ -25,6 +25,7 @@ def test_the_tutorials_exist():
         "04-sft-chat",
         "05-your-own-data",
         "06-queue-and-pipelines",
+        "07-lora-and-dpo",
     ]
 
 
@@ -60,3 +61,12 @@ def test_readme_badges_point_at_the_notebooks():
     for url in binder:
         target = url.split("labpath=", 1)[1] if "labpath=" in url else None
         assert target is None or (ROOT / target.replace("%2F", "/")).is_file(), url
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_leaves_no_temporary_folders(path):
+    """A folder from mkdtemp outlives the kernel (/tmp/mmnb-tutorial-* piled up); a
+    TemporaryDirectory is removed when the kernel exits."""
+    book = json.loads(path.read_text(encoding="utf-8"))
+    code = "\n".join("".join(c["source"]) for c in book["cells"] if c["cell_type"] == "code")
+    assert "mkdtemp(" not in code

@@ -200,8 +200,20 @@ def test_browser_tree_slider_and_metadata(tree):
     assert labels[1].startswith("\u2514\u00a0base-b · from base@20")  # under its parent
     b.select("base")
     steps = [s.step for s in tree.run("base").steps()]
-    assert b.slider.options == tuple((str(s), s) for s in steps)
+    assert b.checkpoint_steps == steps == [0, 20, 40, 48, 60]
     assert b.slider.value == steps[-1] and b.slider.continuous_update is False
+    # the slider's value is the step: positions show step distance; End is the last checkpoint
+    assert (b.slider.min, b.slider.max) == (0, 60)
+    b.slider.value = 20
+    b.slider.value = 21  # one step right of 20 (an arrow key): the next checkpoint
+    assert b.slider.value == 40 and b.meta_text().startswith("base step 40 ")
+    b.slider.value = 39  # one step left: the previous one
+    assert b.slider.value == 20
+    b.slider.value = 0  # Home: step 0 has a marker and values (the first batch's loss)
+    assert "(first batch, initial weights)" in b.meta.value and "—" not in b.meta.value
+    x, _ = b.plot._artists["ckpts"][1].get_data()
+    assert x[0] == 0
+    assert "start of the run" in b.meta.value  # reasons in words
     before = bytes(b.image.value)
     b.slider.value = 20
     assert "<th style='text-align:right;padding-right:.6em'>step</th><td>20</td>" in b.meta.value
@@ -231,7 +243,12 @@ def test_browser_branch_from_here_with_overrides(tree):
     assert cfg["lr"] == 2e-4 and cfg["data"] == "chat" and cfg["max_steps"] == 50
     assert sft.latest().step == 40 + 50 and sft.status() == "finished"  # new data: a new stage
     assert "sft" in b.catalog and b._selected == ("sft", 90)  # refreshed, showing the job
-    assert "sft done at step 90" in _log_text(b)
+    assert "sft finished at step 90" in _log_text(b)
+    # submitted: the form is blank again, showing what a branch inherits
+    a = b.actions
+    assert a.name.value == "" and a.numbers["lr"].value == "" and a.data.value == ""
+    assert a.numbers["lr"].placeholder == "0.0002 (same)"  # sft's own lr (now selected)
+    assert "training sft in the background" in a.notes["branch"].value
 
 
 def test_browser_extend_wsd_run_past_decay_makes_new_run(store, micro):
@@ -265,7 +282,9 @@ def test_browser_delete_asks_and_refuses_branch_points(tree):
     b = Browser(tree)
     b.select("base", 20)
     b.actions.delete_button.click()
-    assert "branch point of base-b; not deleted" in _log_text(b)
+    # the refusal is said next to the Delete button, not in a log far below
+    assert "branch point of base-b; not deleted" in b.actions.notes["delete"].value
+    assert _log_text(b) == ""
     assert b.actions.confirm_button.layout.display == "none"  # nothing to confirm
     b.select("base", 40)
     b.actions.delete_button.click()
@@ -273,11 +292,11 @@ def test_browser_delete_asks_and_refuses_branch_points(tree):
     assert 40 in [s.step for s in tree.run("base").steps()]
     b.actions.confirm_button.click()
     assert 40 not in [s.step for s in tree.run("base").steps()]
-    assert 40 not in [v for _, v in b.slider.options]
-    assert "deleted step 40 of base" in _log_text(b)
+    assert 40 not in b.checkpoint_steps
+    assert "deleted step 40 of base" in b.actions.notes["delete"].value
     b.select("base-b", 20)  # inherited: it belongs to base
     b.actions.delete_button.click()
-    assert "belongs to base" in _log_text(b)
+    assert "belongs to base" in b.actions.notes["delete"].value
 
 
 def test_browser_sample_and_model_cache(tree):
@@ -291,7 +310,7 @@ def test_browser_sample_and_model_cache(tree):
     b.sampler.button.click()
     assert b.sampler.models.loads == 1
     b.sampler.auto.value = True
-    b.slider.value = b.slider.options[-1][1]  # generates when the slider settles
+    b.slider.value = b.checkpoint_steps[-1]  # generates when the slider settles
     assert b.sampler.sampled == ("base-b", b.slider.value) and b.sampler.models.loads == 2
 
 
@@ -309,7 +328,7 @@ def test_callback_errors_land_in_the_output(tree, monkeypatch):
     b = Browser(tree)
     b.actions.numbers["lr"].value = "fast"
     b.actions.branch_button.click()
-    assert "branch: lr: 'fast' is not a number" in _log_text(b)
+    assert "branch: lr: &#x27;fast&#x27; is not a number" in b.actions.notes["branch"].value
 
     def broken(*args, **kwargs):
         raise RuntimeError("weights on fire")
@@ -330,6 +349,40 @@ def test_background_failure_of_an_action_is_shown(tree, monkeypatch):
     b.actions.branch_button.click()
     b.wait(timeout=60)
     assert "RuntimeError: step exploded" in _log_text(b)
+
+
+def test_labels_are_never_cut_off_and_the_form_shows_inherited_values(tree):
+    b = Browser(tree)
+    b.select("base", 20)
+    a = b.actions
+    for button in (a.branch_button, a.extend_button, a.resume_button, a.delete_button,
+                   a.confirm_button, b.sampler.button, b.refresh_button):  # fmt: skip
+        assert button.layout.width == "auto", button.description
+    assert b.sampler.temperature.style.description_width == "initial"
+    assert a.numbers["lr"].placeholder == "0.002 (same)"  # the parent's lr
+    assert a.schedule.options[0][0] == "wsd (same)"
+    assert a.data.placeholder.endswith("(same)")
+    a.delete_button.click()  # a branch point: refused
+    b.select("base", 40)
+    a.delete_button.click()
+    assert a.confirm_button.description == "Confirm delete step 40"
+    b.log.error(ValueError("x"))
+    assert b.log.view.layout.display == ""
+    b.log.clear_button.click()  # the log can be cleared (and hides when empty)
+    assert _log_text(b) == "" and b.log.view.layout.display == "none"
+
+
+def test_compare_has_log_scale_and_a_step_range(tree):
+    b = Browser(tree)
+    b.compare.select(["base", "base-b"])
+    ax = b.compare.plot.axes["loss"]
+    assert ax.get_yscale() == "log"  # default: where runs differ, curves stay apart
+    assert b.compare.steps.max == 60  # the longest chosen run (base) ends at step 60
+    b.compare.steps.value = (20, 50)
+    assert ax.get_xlim()[0] == 20
+    b.compare.log_scale.value = False
+    assert ax.get_yscale() == "linear"
+    assert ax.get_legend() is not None
 
 
 def test_parse_number_names_the_field():

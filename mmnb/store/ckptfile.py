@@ -25,7 +25,10 @@ from .image import SparseImage, write_file
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-STATE_GROUPS = ("model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics")
+# "frozen": references to frozen weights a LoRA or DPO stage uses (mmnb.frozen), never copies.
+STATE_GROUPS = (
+    "model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics", "frozen",
+)  # fmt: skip
 
 
 def check_version(version: object, what: str) -> int:
@@ -182,7 +185,7 @@ def _check_json_tree(group: str, values: dict[str, Any], spec: schema.ModelSpec,
             if not isinstance(node, dict):
                 raise ValueError(f"rng.{sub} is missing")
             schema.check_json(f"rng/{sub}", node, spec, step)
-    elif group in ("trainer", "data", "schedule", "optim"):
+    elif group in ("trainer", "data", "schedule", "optim", "frozen"):
         schema.check_json(group, values, spec, step)
 
 

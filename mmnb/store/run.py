@@ -288,7 +288,11 @@ class Run:
         self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
         path = self.checkpoint_path(info)
-        config = self.config_dict()
+        # What a checkpoint may hold is decided by the config of the run that wrote it (a
+        # branch may add LoRA adapters or another objective to its parent's model).
+        config = (
+            self.config_dict() if info.run == self.name else self.store.run(info.run).config_dict()
+        )
         try:
             state, summary = read_checkpoint(
                 path,

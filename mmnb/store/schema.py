@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import lora
 from ..config import config_from_dict
 from ..model import MiniMind
+from ..objective import objective_for
 from ..train import METRIC_NAMES
 
 # torch dtypes a checkpoint may hold, and how their bits are stored (bf16 has no HDF5 type).
@@ -42,22 +44,38 @@ _CUDA = re.compile(r"^\d{1,3}$")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The state-dict entries (shape, torch dtype) and trainable parameters of a config."""
+    """What a config's trainer holds: state-dict entries (shape, torch dtype), the parameters
+    the optimizer keys its state by, and the metrics it logs."""
 
     entries: dict[str, tuple[tuple[int, ...], str]]
-    params: frozenset[str]  # named_parameters (tied weights once): the optimizer's keys
+    params: frozenset[str]  # trainable named_parameters (tied weights once): the optimizer's keys
+    metrics: tuple[str, ...]
+    lora: bool  # a LoRA stage: a checkpoint may hold its adapters only
+
+    def adapters(self) -> list[str]:
+        return [n for n in self.entries if lora.MARK in n]
 
 
 @functools.lru_cache(maxsize=16)
 def _spec(config_json: str) -> ModelSpec:
-    model_cfg, _ = config_from_dict(json.loads(config_json))
+    model_cfg, train_cfg = config_from_dict(json.loads(config_json))
     with torch.device("meta"):
         model = MiniMind(model_cfg)
+    if train_cfg.lora_rank:  # as the trainer builds it (the values drawn do not matter here)
+        lora.apply(
+            model,
+            train_cfg.lora_rank,
+            train_cfg.lora_alpha or train_cfg.lora_rank,
+            lora.targets_of(train_cfg.lora_targets),
+            0,
+        )
     entries = {
         name: (tuple(t.shape), str(t.dtype).removeprefix("torch."))
         for name, t in model.state_dict().items()
     }
-    return ModelSpec(entries, frozenset(n for n, _ in model.named_parameters()))
+    params = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+    metrics = METRIC_NAMES + objective_for(train_cfg.objective, train_cfg.dpo_beta).metrics
+    return ModelSpec(entries, params, metrics, bool(train_cfg.lora_rank))
 
 
 def model_spec(config: dict[str, Any]) -> ModelSpec:
@@ -126,7 +144,7 @@ def dataset_rule(path: str, entry: dict[str, Any], spec: ModelSpec, step: int) -
             return array("uint32", (624,))
         if parts[1:] == ["python", "state"]:
             return array("uint64", (625,))
-    if group == "metrics" and len(parts) == 2 and parts[1] in METRIC_NAMES:
+    if group == "metrics" and len(parts) == 2 and parts[1] in spec.metrics:
         if numpy_name != "float64" or len(shape_t) != 1 or shape_t[0] > step:
             raise ValueError(f"{path} must be float64 with at most {step} values (one per step)")
         return Rule(NUMPY_STORAGE["float64"], shape_t, None)
@@ -140,9 +158,11 @@ def check_complete(groups: tuple[str, ...], datasets: dict[str, Any], spec: Mode
     """Every dataset a loaded group needs is present (a missing one is corruption)."""
     have = set(datasets)
     if "model" in groups:
-        missing = [n for n in spec.entries if f"model/{n}" not in have]
-        if missing:
-            raise ValueError(f"model/{missing[0]} is missing")
+        held = {p.split("/", 1)[1] for p in have if p.startswith("model/")}
+        if not (spec.lora and held == set(spec.adapters())):  # else: every entry
+            missing = [n for n in spec.entries if n not in held]
+            if missing:
+                raise ValueError(f"model/{missing[0]} is missing")
     if "optim" in groups:
         names = {p.split("/")[2] for p in have if p.startswith("optim/state/")}
         for name in names:
@@ -155,7 +175,7 @@ def check_complete(groups: tuple[str, ...], datasets: dict[str, Any], spec: Mode
                 raise ValueError(f"{path} is missing")
     if "metrics" in groups:
         lengths = set()
-        for name in METRIC_NAMES:
+        for name in spec.metrics:
             if f"metrics/{name}" not in have:
                 raise ValueError(f"metrics/{name} is missing")
             lengths.add(tuple(datasets[f"metrics/{name}"]["shape"]))
@@ -226,6 +246,15 @@ def check_json(group: str, values: dict[str, Any], spec: ModelSpec, step: int) -
         field("pos", lambda v: _is_int(v, 0) and v <= 624, "an integer in [0, 624]")
         field("has_gauss", lambda v: v in (0, 1) and _is_int(v), "0 or 1")
         field("cached_gaussian", _is_number, "a finite number")
+    elif group == "frozen":  # references to frozen weights (mmnb.frozen)
+        for key, ref in values.items():
+            _require(
+                isinstance(ref, dict)
+                and isinstance(ref.get("run"), str)
+                and _is_int(ref.get("step"), 0)
+                and isinstance(ref.get("digest"), str),
+                f"frozen.{key} is not a reference {{run, step, digest}}: {ref!r}",
+            )
     elif group == "rng/python":
         field("version", lambda v: v == 3 and _is_int(v), "3")
         field("gauss", lambda v: v is None or _is_number(v), "null or a finite number")

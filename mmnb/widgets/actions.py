@@ -8,12 +8,14 @@ too; asking first saves a confusing confirm).
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
 from typing import Any
 
 import ipywidgets as w
 
 from .. import api
+from ..cli import user_message
 from ..config import SCHEDULES
 from ..store import Run, StepInfo, StoreError
 from .catalog import Catalog, RunEntry
@@ -23,6 +25,12 @@ from .log import Log
 Selection = Callable[[], tuple[RunEntry, StepInfo] | None]
 OnJob = Callable[[str, Run, Dashboard], None]  # a training action started
 SAME = "(same)"
+LABEL = {"description_width": "initial"}  # labels are never cut off
+
+
+def _row() -> w.Layout:
+    return w.Layout(align_items="center", flex_flow="row wrap")
+
 
 # Branch overrides typed as text: empty keeps the parent's value.
 NUMBER_FIELDS: dict[str, type] = {
@@ -63,24 +71,36 @@ class Actions:
     ) -> None:
         self.catalog, self.log, self.selection = catalog, log, selection
         self.on_job, self.on_change = on_job, on_change  # on_change: the store changed
-        guard = log.guard
+        # What each tab's controls did (or why they refused) is said next to them.
+        self.notes = {tab: w.HTML() for tab in ("branch", "extend", "delete")}
+        for tab, note in self.notes.items():
+            note.add_class(f"mmnb-note-{tab}")
+        guard = self._guard
         # ---- branch ----
-        self.name = w.Text(description="name", placeholder="auto: <run>-b-001")
+        self.name = w.Text(description="name", placeholder="auto: <run>-b-001", style=LABEL)
         self.numbers = {
-            field: w.Text(description=field.replace("_", " "), placeholder=SAME)
+            field: w.Text(description=field.replace("_", " "), placeholder=SAME, style=LABEL)
             for field in NUMBER_FIELDS
         }
-        self.schedule = w.Dropdown(options=[SAME, *SCHEDULES], value=SAME, description="schedule")
+        self.schedule = w.Dropdown(
+            options=[(SAME, SAME), *((s, s) for s in SCHEDULES)],
+            value=SAME,
+            description="schedule",
+            style=LABEL,
+        )
         self.data = w.Combobox(
             description="data",
             placeholder="(same data)",
             options=["chat"],
             ensure_option=False,
+            style=LABEL,
         )
         self.branch_button = w.Button(description="Branch from here", icon="code-branch")
         self.branch_button.on_click(guard(lambda _: self.branch(), "branch"))
         # ---- extend / resume ----
-        self.more_epochs = w.BoundedIntText(value=1, min=1, max=1000, description="+ epochs")
+        self.more_epochs = w.BoundedIntText(
+            value=1, min=1, max=1000, description="+ epochs", style=LABEL
+        )
         self.extend_button = w.Button(description="Extend", icon="forward")
         self.resume_button = w.Button(description="Resume", icon="play")
         self.extend_button.on_click(guard(lambda _: self.extend(), "extend"))
@@ -95,6 +115,9 @@ class Actions:
         self.confirm_button.on_click(guard(lambda _: self.delete(), "delete"))
         self.cancel_button.on_click(guard(lambda _: self._confirming(None), "delete"))
         self._pending: tuple[str, int] | None = None  # (run, step) awaiting confirmation
+        for button in (self.branch_button, self.extend_button, self.resume_button,
+                       self.delete_button, self.confirm_button, self.cancel_button):  # fmt: skip
+            button.layout.width = "auto"  # the label decides the width: never cut off
 
         fields = list(self.numbers.values())
         self.branch_view = w.VBox(
@@ -103,21 +126,24 @@ class Actions:
                 w.HBox(fields[:2]),
                 w.HBox(fields[2:4]),
                 w.HBox([fields[4], self.schedule]),
-                self.branch_button,
+                w.HBox([self.branch_button, self.notes["branch"]], layout=_row()),
             ]
         )
         self.extend_view = w.VBox(
             [
-                w.HBox([self.more_epochs, self.extend_button]),
+                w.HBox([self.more_epochs, self.extend_button], layout=_row()),
                 w.HTML(
                     "<small>Extend plans more epochs for the run (a WSD run past its decay "
                     "start continues from there as a new run <code>&lt;run&gt;-&lt;E&gt;ep"
                     "</code>). Resume continues the run from the selected checkpoint.</small>"
                 ),
-                self.resume_button,
+                w.HBox([self.resume_button, self.notes["extend"]], layout=_row()),
             ]
         )
-        self.delete_view = w.HBox([self.delete_button, self.confirm_button, self.cancel_button])
+        self.delete_view = w.HBox(
+            [self.delete_button, self.confirm_button, self.cancel_button, self.notes["delete"]],
+            layout=_row(),
+        )
         self.views = [self.branch_view, self.extend_view, self.delete_view]
 
     def selected(self, entry: RunEntry, info: StepInfo) -> None:
@@ -128,6 +154,40 @@ class Actions:
         self.delete_button.description = f"Delete step {info.step}"
         if self._pending != (entry.name, info.step):
             self._confirming(None)
+        # The form shows what a branch inherits: an empty field keeps the parent's value.
+        cfg = entry.train_config
+        self.name.placeholder = f"auto: {entry.name}-b-NNN"
+        for field, box in self.numbers.items():
+            value = cfg.get(field)
+            box.placeholder = SAME if value is None else f"{value:g} (same)"
+        schedule = cfg.get("schedule")
+        self.schedule.options = [
+            (f"{schedule} (same)" if schedule else SAME, SAME),
+            *((s, s) for s in SCHEDULES if s != schedule),
+        ]
+        data = cfg.get("data")
+        self.data.placeholder = f"{data or 'bundled corpus'} (same)"
+
+    def say(self, tab: str, text: str, error: bool = False) -> None:
+        """A message next to `tab`'s controls (replacing the previous one)."""
+        style = "color:#c62828" if error else "color:inherit"
+        self.notes[tab].value = f"<span style='{style}'>{html.escape(text)}</span>"
+
+    def _guard(self, fn: Callable[[Any], Any], tab: str) -> Callable[[Any], Any]:
+        """A click handler whose refusal is said next to its button; a bug's traceback goes
+        to the log as well."""
+
+        def guarded(arg: Any) -> Any:
+            try:
+                return fn(arg)
+            except (ValueError, StoreError) as err:
+                self.say(tab, f"{tab}: {user_message(err)}", error=True)
+            except Exception as err:  # shown with its traceback; KeyboardInterrupt propagates
+                self.say(tab, f"{tab} failed: {err} (details below)", error=True)
+                self.log.error(err, tab)
+            return None
+
+        return guarded
 
     def _chosen(self) -> tuple[RunEntry, StepInfo]:
         chosen = self.selection()
@@ -135,7 +195,7 @@ class Actions:
             raise ValueError("choose a run and a checkpoint first")
         return chosen
 
-    def _start(self, label: str, start: Callable[[Dashboard], Run]) -> Run:
+    def _start(self, tab: str, label: str, start: Callable[[Dashboard], Run]) -> Run:
         dash = Dashboard()
         try:
             run = start(dash)  # what fails on user input fails here, before training starts
@@ -143,7 +203,7 @@ class Actions:
             dash.close()
             raise
         dash.attach(run)
-        self.log.message(f"{label}: training {run.name} in the background")
+        self.say(tab, f"{label}: training {run.name} in the background (its dashboard is below)")
         self.on_job(label, run, dash)
         return run
 
@@ -166,7 +226,8 @@ class Actions:
         options = self.overrides()
         name = self.name.value.strip() or None
         store = self.catalog.store
-        return self._start(
+        run = self._start(
+            "branch",
             f"branch from {entry.name}@{info.step}",
             lambda dash: api.branch(
                 entry.name,
@@ -178,12 +239,19 @@ class Actions:
                 **options,
             ),
         )
+        # Submitted: the form is blank again (each field shows the value a branch inherits).
+        self.name.value = self.data.value = ""
+        for box in self.numbers.values():
+            box.value = ""
+        self.schedule.value = SAME
+        return run
 
     def extend(self) -> Run:
         entry, _ = self._chosen()
         more = int(self.more_epochs.value)
         store = self.catalog.store
         return self._start(
+            "extend",
             f"extend {entry.name} by {more} epoch{'s' * (more != 1)}",
             lambda dash: api.resume(
                 entry.name, store=store, more_epochs=more, listeners=[dash], background=True
@@ -198,6 +266,7 @@ class Actions:
             )
         store = self.catalog.store
         return self._start(
+            "extend",
             f"resume {entry.name} from step {info.step}",
             lambda dash: api.resume(
                 entry.name, store=store, step=info.step, listeners=[dash], background=True
@@ -209,7 +278,7 @@ class Actions:
         entry, info = self._chosen()
         self._check_deletable(entry, info)
         self._confirming((entry.name, info.step))
-        self.log.message(f"delete step {info.step} of {entry.name}? Click Confirm delete.")
+        self.say("delete", f"delete step {info.step} of {entry.name}? Click Confirm to delete it.")
 
     def delete(self) -> None:
         if self._pending is None:
@@ -224,7 +293,7 @@ class Actions:
             run.delete(step)
         finally:
             run.close_writer()
-        self.log.message(f"deleted step {step} of {name}")
+        self.say("delete", f"deleted step {step} of {name}")
         self.on_change()
 
     def _check_deletable(self, entry: RunEntry, info: StepInfo) -> None:

@@ -14,6 +14,7 @@ the log area at the bottom.
 
 from __future__ import annotations
 
+import bisect
 import html
 import threading
 import time
@@ -21,6 +22,7 @@ from typing import Any
 
 import ipywidgets as w
 
+from ..describe import reasons_text, state_text
 from ..store import Run, StepInfo, Store
 from .actions import Actions
 from .catalog import Catalog, RunEntry
@@ -33,8 +35,6 @@ from .log import Log
 from .plots import Plot
 from .queue import QueueTab
 from .sampler import Sampler
-
-TAB_TITLES = ("Sample", "Branch", "Extend / resume", "Delete", "Export", "Compare", "Queue")
 
 
 def _size(n: int) -> str:
@@ -71,22 +71,34 @@ class Browser:
 
         self.runs = w.Select(options=[], rows=6, layout=w.Layout(width="auto", flex="1"))
         self.runs.add_class("mmnb-runs")
-        self.refresh_button = w.Button(description="Refresh", icon="refresh")
+        self.refresh_button = w.Button(
+            description="Refresh", icon="refresh", layout=w.Layout(width="auto")
+        )
         self.refresh_button.on_click(guard(lambda _: self.refresh(), "refresh"))
         self.cleanup = Cleanup(self.store, self.log, self.refresh)
         self.status = w.HTML()
-        self.slider = w.SelectionSlider(
-            options=[("-", -1)],
+        # The slider's value IS the step (so the handle's aria-valuenow/-text is the step and
+        # its position shows the distance between checkpoints); a value between two
+        # checkpoints snaps to the next one in the direction it moved (`_on_step`).
+        self.slider = w.IntSlider(
+            value=0,
+            min=0,
+            max=1,
             description="step",
             continuous_update=False,
             disabled=True,
+            style={"description_width": "initial"},
             layout=w.Layout(width="98%"),
         )
+        self._steps: list[int] = []  # the selected run's checkpoint steps
         self.slider.add_class("mmnb-slider")
-        self.image = w.Image(format="png", layout=w.Layout(max_width="70%", height="auto"))
+        self.plot = Plot(("loss", "lr"), width=6.6, height=2.5, grow=1.03)
+        css_w, _ = self.plot.css_size
+        self.image = w.Image(
+            format="png", layout=w.Layout(width=f"{css_w}px", max_width="68%", height="auto")
+        )
         self.meta = w.HTML()
         self.meta.add_class("mmnb-meta")
-        self.plot = Plot(("loss", "lr"), width=6.4, height=2.3, grow=1.03)
         self.plot.line("loss", "loss", static=True, color="#1f77b4")
         self.plot.line("lr", "lr", static=True, color="#2ca02c")
         self.plot.line("ckpts", "loss", static=True, linestyle="none", marker="o", markersize=2.5,
@@ -104,16 +116,15 @@ class Browser:
         self.compare = Compare(self.catalog, self.log)
         self.exporter = ExportTab(self.log, self.selection)
         self.queue = QueueTab(self.store.path, self.log)
-        self.tabs = w.Tab(
-            children=[
-                self.sampler.view,
-                *self.actions.views,
-                self.exporter.view,
-                self.compare.view,
-                self.queue.view,
-            ],
-            titles=TAB_TITLES,
-        )
+        # One (title, view) per tab: another action adds its own line here.
+        tabs = [
+            ("Sample", self.sampler.view),
+            *zip(("Branch", "Extend / resume", "Delete"), self.actions.views, strict=True),
+            ("Export", self.exporter.view),
+            ("Compare", self.compare.view),
+            ("Queue", self.queue.view),
+        ]
+        self.tabs = w.Tab(children=[v for _, v in tabs], titles=[t for t, _ in tabs])
         self.jobs_box = w.VBox()
         self.view = w.VBox(
             [
@@ -123,7 +134,7 @@ class Browser:
                 w.HBox([self.image, self.meta], layout=w.Layout(align_items="flex-start")),
                 self.tabs,
                 self.jobs_box,
-                self.log.output,
+                self.log.view,
             ]
         )
         self.view.add_class("mmnb-browser")
@@ -132,6 +143,11 @@ class Browser:
         guard(self.refresh, "refresh")()
 
     # ---- what is selected ----
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """The steps the slider stops at: the selected run's checkpoints."""
+        return list(self._steps)
+
     def selection(self) -> tuple[RunEntry, StepInfo] | None:
         """The chosen (run entry, checkpoint), or None."""
         if self._selected is None:
@@ -151,13 +167,20 @@ class Browser:
             try:
                 self.runs.value = run
                 if entry.steps:
-                    self.slider.options = [(str(s.step), s.step) for s in entry.steps]
+                    self._steps = [s.step for s in entry.steps]
                     if step is None or step not in entry.by_step:
                         step = entry.steps[-1].step if step is None else _nearest(entry, step)
+                    lo, hi = self._steps[0], self._steps[-1]
+                    # min/max first in an order that keeps min <= max at every moment
+                    if lo > self.slider.max:
+                        self.slider.max, self.slider.min = max(hi, lo + 1), lo
+                    else:
+                        self.slider.min, self.slider.max = lo, max(hi, lo + 1)
                     self.slider.value = step
                     self.slider.disabled = False
                 else:
-                    self.slider.options, self.slider.disabled = [("-", -1)], True
+                    self._steps = []
+                    self.slider.disabled = True
             finally:
                 self._quiet = False
             if entry.steps:
@@ -179,19 +202,39 @@ class Browser:
             if self._quiet or self._selected is None or change["new"] is None:
                 return
             entry = self.catalog[self._selected[0]]
-            info = entry.by_step.get(change["new"])
+            step = self._snap(change["old"], change["new"])
+            if step != change["new"]:
+                self._quiet = True  # the snapped value is shown below, once
+                try:
+                    self.slider.value = step
+                finally:
+                    self._quiet = False
+            info = entry.by_step.get(step)
             if info is not None:
                 self._show(entry, info)
+
+    def _snap(self, old: int | None, new: int) -> int:
+        """The checkpoint a slider value means: itself, else the next one in the direction the
+        handle moved (an arrow key moves by one step), else the nearest."""
+        steps = self._steps
+        if not steps or new in steps:
+            return new
+        i = bisect.bisect_left(steps, new)
+        if old is not None and new > old and i < len(steps):
+            return steps[i]
+        if old is not None and new < old and i > 0:
+            return steps[i - 1]
+        candidates = steps[max(i - 1, 0) : i + 1]
+        return min(candidates, key=lambda s: (abs(s - new), s))
 
     # ---- showing a checkpoint ----
     def _show(self, entry: RunEntry, info: StepInfo) -> None:
         started = time.perf_counter()
         self._selected = (entry.name, info.step)
         self._plot_run(entry)
-        loss = info.loss if info.loss is not None else entry.value_at("loss", info.step)
+        loss, lr = _values(entry, info)
         at = ([info.step], [loss]) if loss is not None else ([], [])
         self.plot.set("at", *at)
-        lr = info.lr if info.lr is not None else entry.value_at("lr", info.step)
         self.plot.set("at_lr", *(([info.step], [lr]) if lr is not None else ([], [])))
         self.image.value = self.plot.png()
         self.meta.value = self._meta_html(entry, info)
@@ -207,7 +250,8 @@ class Browser:
         steps = metrics.get("step", [])
         self.plot.set("loss", steps, metrics.get("loss", []))
         self.plot.set("lr", steps, metrics.get("lr", []))
-        marked = [(s.step, s.loss) for s in entry.steps if s.loss is not None]
+        marked = [(s.step, _values(entry, s)[0]) for s in entry.steps]
+        marked = [(s, v) for s, v in marked if v is not None]  # step 0 too: the first loss
         self.plot.set("ckpts", [s for s, _ in marked], [v for _, v in marked])
         points = [
             (s, entry.value_at("loss", s)) for s in sorted(self.catalog.branch_points(entry.name))
@@ -221,17 +265,19 @@ class Browser:
 
     def _meta_html(self, entry: RunEntry, info: StepInfo) -> str:
         kids = [c.name for c in self.catalog.children(entry.name) if c.parent[1] == info.step]  # type: ignore[index]
+        loss, lr = _values(entry, info)
+        first = " (first batch, initial weights)" if info.step == 0 else ""
         rows = [
             ("run", entry.name + (f" (from {info.run})" if info.inherited else "")),
             ("step", f"{info.step}"),
             ("epoch", f"{info.epoch} (sample {info.position:,})"),
-            ("loss", "—" if info.loss is None else f"{info.loss:.4f}"),
-            ("lr", "—" if info.lr is None else f"{info.lr:.3e}"),
+            ("loss", "—" if loss is None else f"{loss:.4f}{first}"),
+            ("lr", "—" if lr is None else f"{lr:.3e}" + (" (of step 1)" if first else "")),
             ("tokens", f"{info.tokens:,}"),
             ("time", _duration(info.elapsed)),
             ("size", _size(info.bytes)),
             ("saved", time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.created))),
-            ("why", ", ".join(info.reasons + [f"#{t}" for t in info.tags])),
+            ("why", reasons_text(info.reasons, info.tags)),
         ]
         if kids:
             rows.append(("branches", ", ".join(kids)))
@@ -302,7 +348,8 @@ class Browser:
         def follow() -> None:
             try:
                 run.wait()  # re-raises what ended the training, if it failed
-                self.log.message(f"{label}: {run.name} {dash.state} at step {dash.step}")
+                said = state_text(dash.state, dash.step, {"error": dash.error})
+                self.log.message(f"{label}: {run.name} {said}")
             finally:
                 self.refresh()
                 if self._selected == shown:  # the user still looks where the job started:
@@ -341,9 +388,20 @@ class Browser:
         """Close every widget and drop cached models (background training keeps running)."""
         for dash in self._dashboards:
             dash.close()
+        self.queue.close()
         close_tree(self.view)
         self.sampler.models.clear()
         self.plot.figure.clear()
+
+
+def _values(entry: RunEntry, info: StepInfo) -> tuple[float | None, float | None]:
+    """(loss, lr) to show for a checkpoint. Step 0 has trained nothing: its loss is that of
+    the first batch on the initial weights and its lr the first step's, both logged with
+    step 1."""
+    step = info.step if info.step > 0 else 1
+    loss = info.loss if info.loss is not None else entry.value_at("loss", step)
+    lr = info.lr if info.lr is not None else entry.value_at("lr", step)
+    return loss, lr
 
 
 def recovery_steps(run: Run) -> list[int]:

@@ -24,18 +24,41 @@ class Compare:
 
     def __init__(self, catalog: Catalog, log: Log) -> None:
         self.catalog = catalog
-        self.runs = w.SelectMultiple(options=[], rows=5, description="runs")
+        label = {"description_width": "initial"}
+        self.runs = w.SelectMultiple(options=[], rows=5, description="runs", style=label)
         self.smooth = w.Checkbox(value=False, description="smooth (EMA 0.9)", indent=False)
-        # flex-start: a VBox stretches children to its width, which would blur the PNG.
+        # Where runs differ the curves are close: a log y axis and a step range to zoom into.
+        self.log_scale = w.Checkbox(value=True, description="log scale", indent=False)
+        self.steps = w.IntRangeSlider(
+            value=(0, 1),
+            min=0,
+            max=1,
+            description="steps",
+            continuous_update=False,
+            style=label,
+            layout=w.Layout(width="30em"),
+        )
+        self.width, height = 9.6, 3.4
         self.image = w.Image(
-            format="png", layout=w.Layout(max_width="100%", align_self="flex-start")
+            format="png",
+            layout=w.Layout(width=f"{round(self.width * 100)}px", max_width="100%", height="auto"),
         )
         self.plot: Plot | None = None  # made on first use: the figure costs ~50 ms
+        self._height = height
         self._lock = threading.Lock()
-        draw = log.guard(lambda _change: self.draw(), "compare")
-        self.runs.observe(draw, names="value")
-        self.smooth.observe(draw, names="value")
-        self.view = w.VBox([w.HBox([self.runs, self.smooth]), self.image])
+        self._following = False  # set while the step range follows the runs: no redraw
+        draw = log.guard(lambda _change: self._following or self.draw(), "compare")
+        for control in (self.runs, self.smooth, self.log_scale, self.steps):
+            control.observe(draw, names="value")
+        self.view = w.VBox(
+            [
+                w.HBox(
+                    [self.runs, w.VBox([self.smooth, self.log_scale, self.steps])],
+                    layout=w.Layout(align_items="flex-start"),
+                ),
+                self.image,
+            ]
+        )
 
     def update_options(self) -> None:
         """Follow the catalog (after a refresh); keep the chosen runs that still exist."""
@@ -44,6 +67,24 @@ class Compare:
         if list(self.runs.options) != names:
             self.runs.options = names
             self.runs.value = chosen
+
+    def _follow_steps(self) -> None:
+        """The range slider spans the chosen runs' steps; a full range follows them."""
+        last = [
+            int(self.catalog[n].steps[-1].step)
+            for n in self.runs.value
+            if n in self.catalog and self.catalog[n].steps
+        ]
+        top = max(last, default=1)
+        if top != self.steps.max:
+            was_full = self.steps.value == (self.steps.min, self.steps.max)
+            self._following = True  # this draw is already under way (and holds the lock)
+            try:
+                self.steps.max = max(top, 1)
+                if was_full:
+                    self.steps.value = (0, self.steps.max)
+            finally:
+                self._following = False
 
     def select(self, names: list[str]) -> None:
         self.runs.value = tuple(names)  # draws through the observer
@@ -55,9 +96,14 @@ class Compare:
 
     def _draw(self) -> None:
         if self.plot is None:
-            self.plot = Plot(("loss",), width=8.5, height=2.8, grow=1.03)
+            self.plot = Plot(("loss",), width=self.width, height=self._height, grow=1.03)
         plot = self.plot
         plot.clear()
+        plot.set_log("loss", self.log_scale.value)
+        self._follow_steps()
+        lo, hi = self.steps.value
+        full = (self.steps.min, self.steps.max)
+        plot.set_xrange(*((None, None) if (lo, hi) == full else (lo, hi)))
         chosen = [n for n in self.runs.value if n in self.catalog]
         for i, name in enumerate(chosen):
             entry = self.catalog[name]

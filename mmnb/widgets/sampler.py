@@ -55,16 +55,21 @@ class Sampler:
     def __init__(self, log: Log, selection: Selection, cache_size: int = 3) -> None:
         self.log, self.selection = log, selection
         self.models = ModelCache(cache_size)
+        label = {"description_width": "initial"}  # labels are never cut off
         self.prompt = w.Text(
-            value="Once upon a time", description="prompt", continuous_update=False
+            value="Once upon a time",
+            description="prompt",
+            continuous_update=False,
+            style=label,
+            layout=w.Layout(width="30em"),
         )
-        self.tokens = w.BoundedIntText(value=48, min=1, max=2048, description="tokens")
+        self.tokens = w.BoundedIntText(value=48, min=1, max=2048, description="tokens", style=label)
         self.temperature = w.BoundedFloatText(
-            value=0.0, min=0.0, max=2.0, step=0.1, description="temperature"
+            value=0.0, min=0.0, max=2.0, step=0.1, description="temperature", style=label
         )
         self.chat = w.Checkbox(value=False, description="chat template", indent=False)
         self.auto = w.Checkbox(value=False, description="on slider", indent=False)
-        self.button = w.Button(description="Generate", icon="play")
+        self.button = w.Button(description="Generate", icon="play", layout=w.Layout(width="auto"))
         self.output = w.HTML()
         self.output.add_class("mmnb-sample")
         self.button.on_click(log.guard(lambda _: self.generate(), "generate"))
