@@ -273,7 +273,7 @@ def _fifo_lock(s, out):
 
 
 # case → (craft, what the StoreError says, the attempts that must be refused)
-CKPT, INDEX, LOCK = ("load",), ("steps", "load", "writer"), ("writer",)
+CKPT, INDEX, LOCK = ("load", "mapped"), ("steps", "load", "writer"), ("writer",)
 MALICIOUS = {
     "external link": (_external_link, "is an external link; refused", CKPT),
     "external raw storage": (_external_storage, "keeps its data in an external file", CKPT),
@@ -311,7 +311,7 @@ except OSError:
     pass
 for case, path in cases.items():
     said = []
-    for attempt in ("steps", "load", "writer", "cli"):
+    for attempt in ("steps", "load", "writer", "mapped", "cli"):
         try:
             if attempt == "cli":
                 err = io.StringIO()
@@ -324,6 +324,8 @@ for case, path in cases.items():
                 run.steps()
             elif attempt == "load":
                 run.load(2)
+            elif attempt == "mapped":  # the zero-copy reader of mmnb export
+                run.mapped(2)
             else:
                 run.open_writer()
                 run.close_writer()
@@ -382,11 +384,12 @@ def test_malicious_stores_are_refused_and_nothing_outside_is_opened(tmp_path, ba
     results = {r["case"]: r["said"] for r in map(json.loads, proc.stdout.splitlines())}
     assert results.keys() == MALICIOUS.keys()
     for case, (_, message, refused) in MALICIOUS.items():
-        said = dict(zip(("steps", "load", "writer", "cli"), results[case], strict=True))
+        attempts = ("steps", "load", "writer", "mapped", "cli")
+        said = dict(zip(attempts, results[case], strict=True))
         for attempt in refused:
             assert said[attempt].startswith(f"{attempt}: StoreError: "), (case, said)
         assert message in " ".join(said[a] for a in refused), (case, message, said)
-        for attempt in ("steps", "load", "writer"):  # a StoreError or fine, nothing else
+        for attempt in attempts[:-1]:  # a StoreError or fine, nothing else
             assert said[attempt].split(": ")[1] in ("StoreError", "accepted"), (case, said)
         cli = said["cli"]  # `mmnb runs`: the damaged run is named and skipped, no traceback
         if refused != CKPT:

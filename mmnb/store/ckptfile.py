@@ -86,11 +86,76 @@ def read_checkpoint(
     """(state of `groups`, summary) of the checkpoint at `path`, after every check.
 
     Raises ValueError/KeyError/OSError (and ChecksumError) on anything wrong; the caller names
-    the file. `config` is the run's config dict: it decides what the datasets may be.
+    the file. `config` is the config dict of the run that wrote it: it decides what the
+    datasets may be.
     """
-    spec = schema.model_spec(config)
     file_size = os.path.getsize(path)
     with h5py.File(path, "r", locking=False) as f:
+        checked = _Checked(f, path, config, groups, expect_step, expect_checksum)
+        state = {
+            g: read_tree(
+                checked.objects,
+                checked.manifest,
+                g,
+                checked.rule,
+                file_size,
+                verify=verify,
+                virtual_source=virtual_source,
+            )
+            for g in checked.groups
+        }
+    for group, values in state.items():
+        _check_json_tree(group, values, checked.spec, checked.step)
+    return state, checked.summary
+
+
+def layout(
+    path: Path,
+    config: dict[str, Any],
+    group: str,
+    *,
+    expect_step: int | None = None,
+    expect_checksum: str | None = None,
+) -> list[tuple[str, schema.Rule, int | None, str]] | None:
+    """(name, rule, file offset, checksum) of every dataset directly in `group`, after every
+    check `read_checkpoint` makes except reading the bytes: for a zero-copy reader that maps
+    the file and verifies the checksums itself. None when a dataset is not contiguous (compact,
+    virtual), so the caller falls back to `read_checkpoint`. Offset None: an empty dataset.
+    """
+    file_size = os.path.getsize(path)
+    out = []
+    with h5py.File(path, "r", locking=False) as f:
+        checked = _Checked(f, path, config, (group,), expect_step, expect_checksum)
+        for key, entry in checked.manifest["datasets"].items():
+            parent, _, name = key.rpartition("/")
+            if parent != group:
+                if key.startswith(group + "/"):
+                    return None  # nested groups: not a flat group of arrays
+                continue
+            rule = checked.rule(key, entry)
+            ds = checked.objects[key]
+            h5guard.check_dataset(ds, rule.storage, rule.shape, file_size)
+            if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
+                return None
+            out.append((name, rule, ds.id.get_offset(), entry["xxh3"]))
+    return out
+
+
+class _Checked:
+    """An open checkpoint file after the checks that precede reading any dataset: version,
+    manifest and summary checksums, the index's expectations, the schema of the config, and
+    the objects under `groups` exactly as the manifest lists them (hard links only)."""
+
+    def __init__(
+        self,
+        f: h5py.File,
+        path: Path,
+        config: dict[str, Any],
+        groups: tuple[str, ...],
+        expect_step: int | None,
+        expect_checksum: str | None,
+    ) -> None:
+        self.spec = spec = schema.model_spec(config)
         version = check_version(
             h5guard.read_attr(f, "format_version", int), f"checkpoint {path.name}"
         )
@@ -110,26 +175,16 @@ def read_checkpoint(
         summary = jsonio.loads(summary_text)
         if not isinstance(summary, dict) or not schema._is_int(summary.get("step"), 0):
             raise ValueError("the summary has no valid step")
-        step = summary["step"]
+        self.step = step = summary["step"]
         if expect_step is not None and step != expect_step:
             raise ValueError(f"the file holds step {step}, not step {expect_step}")
-        datasets = manifest["datasets"]
-        wanted = tuple(g for g in groups if g in manifest["groups"])
-        schema.check_complete(wanted, datasets, spec)
-        objects = _objects(f, manifest, wanted)
+        self.manifest, self.summary = manifest, summary
+        self.groups = tuple(g for g in groups if g in manifest["groups"])
+        schema.check_complete(self.groups, manifest["datasets"], spec)
+        self.objects = _objects(f, manifest, self.groups)
 
-        def rule(p: str, entry: dict[str, Any]) -> schema.Rule:
-            return schema.dataset_rule(p, entry, spec, step)
-
-        state = {
-            g: read_tree(
-                objects, manifest, g, rule, file_size, verify=verify, virtual_source=virtual_source
-            )
-            for g in wanted
-        }
-    for group, values in state.items():
-        _check_json_tree(group, values, spec, step)
-    return state, summary
+    def rule(self, path: str, entry: dict[str, Any]) -> schema.Rule:
+        return schema.dataset_rule(path, entry, self.spec, self.step)
 
 
 def read_summary(path: Path) -> dict[str, Any]:

@@ -288,11 +288,7 @@ class Run:
         self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
         path = self.checkpoint_path(info)
-        # What a checkpoint may hold is decided by the config of the run that wrote it (a
-        # branch may add LoRA adapters or another objective to its parent's model).
-        config = (
-            self.config_dict() if info.run == self.name else self.store.run(info.run).config_dict()
-        )
+        config = self._owner_config(info)
         try:
             state, summary = read_checkpoint(
                 path,
@@ -316,6 +312,28 @@ class Run:
                 f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
             ) from None
         return state
+
+    def mapped(self, step: int, group: str = "model") -> dict[str, Any] | None:
+        """Zero-copy, read-only views of `group`'s arrays of checkpoint `step` (checked like a
+        load; `mmnb.store.mapped`), or None when the file's layout does not allow it."""
+        from .mapped import mapped_group
+
+        info = self.step_info(step)
+        path = self.checkpoint_path(info)
+        return mapped_group(
+            path,
+            group,
+            self._owner_config(info),
+            expect_step=info.step,
+            expect_checksum=info.checksum,
+        )
+
+    def _owner_config(self, info: StepInfo) -> dict[str, Any]:
+        # What a checkpoint may hold is decided by the config of the run that wrote it (a
+        # branch may add LoRA adapters or another objective to its parent's model).
+        if info.run == self.name:
+            return self.config_dict()
+        return self.store.run(info.run).config_dict()
 
     def verify(self, step: int) -> None:
         """Raise CorruptCheckpoint unless every byte of `step` matches its checksums."""
