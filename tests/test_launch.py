@@ -171,5 +171,5 @@ def test_interrupt_checkpoints_the_last_completed_step(tmp_path, micro):
     finally:
         job.kill()
     latest = Store(store).run("a").latest()
-    assert latest.reasons == ["interrupt"] and latest.step >= 3
+    assert "interrupt" in latest.reasons and latest.step >= 3  # (an epoch end may coincide)
     assert "interrupted; the last completed step is checkpointed" in job.tail(1)[0]
