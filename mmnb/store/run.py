@@ -17,7 +17,6 @@ paths are confined to the store (`confine`), files are checked before use (`ckpt
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import os
 import threading
@@ -28,10 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from . import confine
+from . import confine, schema
 from .ckptfile import STATE_GROUPS, read_checkpoint, read_summary, write_checkpoint
+from .confine import lock_run_folder, remove_path
 from .errors import CorruptCheckpoint, StoreError, StoreWriteError, describe_os_error, reason
 from .image import discard
 from .runfile import (
@@ -112,7 +111,7 @@ class Run:
             if self._cache is not None and self._cache[0] == stamp:
                 return self._cache[1], list(self._cache[2])
             meta, index = read_run_file(path, self.name)
-            _check_config(meta["config"])
+            schema.check_config(meta["config"])
         except PARSE_ERRORS as err:
             raise StoreError(f"run file {path} is unreadable or corrupt ({reason(err)})") from None
         self._cache = (stamp, meta, index)
@@ -369,7 +368,7 @@ class Run:
         for folder in (self.path, self.path / CKPT_DIR):
             for entry in sorted(folder.iterdir()):
                 if _is_tmp(entry.name):  # a commit that never finished; we hold the lock
-                    _remove(entry)
+                    remove_path(entry)
         ckpt = self.path / CKPT_DIR
         for entry in sorted(ckpt.iterdir()):
             match = _ckpt_step(entry.name)
@@ -419,7 +418,7 @@ class Run:
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
         step = int(state["trainer"]["step"])
-        _check_finite(state, step)
+        schema.check_finite(state, step)
         index = self._index or []
         old = next((info for info in index if info.step == step), None)
         reasons = [r for r in reasons if r != "repair"]  # a repair keeps the file's own reasons
@@ -583,7 +582,7 @@ class Run:
             return
         folder = self.path
         self.close_writer()
-        _remove(folder)
+        remove_path(folder)
 
     def _write_run_file(self, updates: dict[str, Any] | None = None) -> None:
         meta = dict(self._meta())
@@ -599,65 +598,8 @@ def _ckpt_step(name: str) -> int | None:
     return None
 
 
-def lock_run_folder(folder: Path, name: str) -> int:
-    """Take `<folder>/LOCK` (non-blocking); return its descriptor. Only the holder writes
-    its pid into it, after the lock is held."""
-    path = folder / "LOCK"
-    fd = confine.open_lock(path, create=True)
-    assert fd is not None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-        os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StoreError(
-                f"run {name!r} is being written by another trainer "
-                f"({holder or 'unknown'}); stop it first"
-            ) from None
-        raise StoreError(f"cannot lock {path}: {err}") from None
-    try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-    except OSError as err:
-        os.close(fd)
-        raise StoreWriteError(f"cannot write {path}: {describe_os_error(err)}", err.errno) from None
-    return fd
-
-
-def _remove(path: Path) -> None:
-    try:
-        if path.is_dir() and not path.is_symlink():
-            import shutil
-
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    except FileNotFoundError:
-        pass
-
-
-def _check_config(config: dict[str, Any]) -> None:
-    from ..config import config_from_dict
-
-    model, train = config_from_dict(config)
-    model.validate()
-    train.validate()
-
-
 def _finite_or_none(values: np.ndarray) -> float | None:
     if not len(values):
         return None
     value = float(values[-1])
     return value if np.isfinite(value) else None
-
-
-def _check_finite(state: dict[str, Any], step: int) -> None:
-    """No non-finite weight or optimizer moment is ever committed."""
-    tensors = [(f"model.{k}", t) for k, t in state.get("model", {}).items()]
-    for name, slots in state.get("optim", {}).get("state", {}).items():
-        tensors += [(f"optim.{name}.{k}", t) for k, t in slots.items()]
-    for name, tensor in tensors:
-        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
-            if not bool(torch.isfinite(tensor).all()):
-                raise StoreError(f"refusing to checkpoint step {step}: {name} is not finite")

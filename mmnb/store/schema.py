@@ -23,6 +23,7 @@ from ..config import config_from_dict
 from ..model import MiniMind
 from ..objective import objective_for
 from ..train import METRIC_NAMES
+from .errors import StoreError
 
 # torch dtypes a checkpoint may hold, and how their bits are stored (bf16 has no HDF5 type).
 TORCH_STORAGE = {
@@ -276,3 +277,21 @@ def _check_plan(plan: dict[str, Any]) -> None:
     _require(set(plan) == set(_PLAN_FIELDS), f"schedule.plan has keys {sorted(plan)}")
     for key, test in _PLAN_FIELDS.items():
         _require(test(plan[key]), f"schedule.plan.{key} is invalid: {plan[key]!r}")
+
+
+def check_config(config: dict[str, Any]) -> None:
+    """The run's config builds and validates (a crafted one is refused before use)."""
+    model, train = config_from_dict(config)
+    model.validate()
+    train.validate()
+
+
+def check_finite(state: dict[str, Any], step: int) -> None:
+    """No non-finite weight or optimizer moment is ever committed."""
+    tensors = [(f"model.{k}", t) for k, t in state.get("model", {}).items()]
+    for name, slots in state.get("optim", {}).get("state", {}).items():
+        tensors += [(f"optim.{name}.{k}", t) for k, t in slots.items()]
+    for name, tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if not bool(torch.isfinite(tensor).all()):
+                raise StoreError(f"refusing to checkpoint step {step}: {name} is not finite")

@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import confine
+from .confine import lock_run_folder, remove_path
 from .errors import StoreError, StoreWriteError, describe_os_error, reason
-from .run import CKPT_DIR, RUN_FILE, Run, StepInfo, _remove, checkpoint_file, lock_run_folder
+from .run import CKPT_DIR, RUN_FILE, Run, StepInfo, checkpoint_file
 from .runfile import fsync_dir, write_run_file
 
 STORE_LOCK = ".lock"
@@ -204,7 +205,7 @@ class Store:
             if os.path.lexists(folder):
                 if not self._abandoned(name):
                     raise StoreError(f"run {name!r} already exists in store {self.path}")
-                _remove(folder)
+                remove_path(folder)
             inherited: list[StepInfo] = []
             if parent is not None:
                 source = self.run(parent[0])
@@ -217,7 +218,7 @@ class Store:
             tmp = self.path / f".{name}.{os.getpid()}.tmp"
             fd = None
             try:
-                _remove(tmp)
+                remove_path(tmp)
                 (tmp / CKPT_DIR).mkdir(parents=True)
                 write_run_file(tmp, meta, inherited)
                 fd = lock_run_folder(tmp, name) if writer else None
@@ -226,7 +227,7 @@ class Store:
             except OSError as err:
                 if fd is not None:
                     os.close(fd)
-                _remove(tmp)
+                remove_path(tmp)
                 raise StoreWriteError(
                     f"{describe_os_error(err)} while creating run {name!r} in {self.path}",
                     err.errno,
@@ -252,6 +253,6 @@ class Store:
             pid = tmp_pid(entry.name)
             if pid is not None and pid != os.getpid() and not pid_alive(pid):
                 try:
-                    _remove(entry)
+                    remove_path(entry)
                 except OSError as err:
                     warnings.warn(f"cannot remove {entry}: {reason(err)}", stacklevel=3)
