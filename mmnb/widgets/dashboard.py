@@ -81,6 +81,7 @@ class Dashboard:
         plot_interval: float = 0.75,
         text_interval: float = 0.2,
         budget: float = 0.01,
+        interactive: bool | None = None,
     ) -> None:
         self.run_name = run_name  # learnt from the first checkpoint event when None
         self.run: Run | None = None
@@ -109,13 +110,23 @@ class Dashboard:
         self._lock = threading.RLock()  # events (training thread) vs attach/buttons (kernel)
         self._workers: list[threading.Thread] = []
         self.blocking = False  # trains in the cell's thread (set by the magics)
+        self._plotted = False  # the plot has shown data
         self.handle: Any = None  # the DisplayHandle when shown through `show()`
 
         self.log = Log()
         # Generous y headroom: a falling loss then crosses the axes' edge (a full redraw)
         # only a few times per run.
+        # `interactive`: ipympl's zoomable canvas (None: where it can be shown, see
+        # `interactive.enabled`), else a PNG.
         self.plot = Plot(
-            PANELS, columns=2, width=9.6, height=4.6, pad=0.25, live=True, zero=("lr", "tokens/s")
+            PANELS,
+            columns=2,
+            width=9.6,
+            height=4.6,
+            pad=0.25,
+            live=True,
+            zero=("lr", "tokens/s"),
+            interactive=interactive,
         )
         self.plot.line("loss_raw", "loss", color="#1f77b4", alpha=0.25, linewidth=1.0)
         self.plot.line("loss", "loss", color="#1f77b4")
@@ -123,16 +134,9 @@ class Dashboard:
         self.plot.line("lr", "lr", color="#2ca02c")
         self.plot.line("grad_norm", "grad norm", color="#9467bd")
         self.plot.line("tokens/s", "tokens/s", color="#ff7f0e")
-        css_w, _ = self.plot.css_size
         self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="12em"))
         self.label = w.HTML("waiting for training to start")
         self.label.add_class("mmnb-state")
-        self.image = w.Image(
-            format="png",
-            # Shown at its CSS size (the PNG has `scale` times the pixels: crisp on HiDPI),
-            # narrower only when the cell is.
-            layout=w.Layout(width=f"{css_w}px", max_width="100%", height="auto"),
-        )
         self.stop_button = w.Button(
             description="Stop", icon="stop", disabled=True, tooltip="stop after this step, saved"
         )
@@ -170,7 +174,7 @@ class Dashboard:
         self.view = w.VBox(
             [
                 w.HBox([self.bar, self.label], layout=w.Layout(align_items="center")),
-                self.image,
+                self.plot.widget,
                 w.HBox(
                     [self.buttons, self.scale, self.smoothing],
                     layout=w.Layout(
@@ -322,7 +326,8 @@ class Dashboard:
         marked = [(s, loss) for s, loss in self.checkpoints if loss is not None]
         self.plot.set("ckpt", [s for s, _ in marked], [loss for _, loss in marked])
         if len(steps):
-            self.image.value = self.plot.png()
+            self.plot.show()
+            self._plotted = True
 
     def text(self, with_state: bool = True) -> str:
         """The one-line state (the text/plain fallback)."""
@@ -395,7 +400,9 @@ class Dashboard:
         """While a cell blocks on training, handle the controls' clicks at once (see
         `comms`); when the kernel cannot, hide Stop / Checkpoint now and say how to stop."""
         self.blocking = True
-        controls = (self.stop_button, self.checkpoint_button, self.scale, self.smoothing)
+        controls = [self.stop_button, self.checkpoint_button, self.scale, self.smoothing]
+        if self.plot.interactive:  # zoom, pan and hover while training
+            controls += [self.plot.widget, self.plot.widget.toolbar]
         if serve_while_busy(*controls):
             return True
         self.stop_button.layout.display = self.checkpoint_button.layout.display = "none"
@@ -483,7 +490,8 @@ class Dashboard:
     def static_html(self) -> str:
         """The final state as plain HTML: the line and the plot image."""
         line = html.escape(self.text())
-        image = bytes(self.image.value or b"")
+        with self._lock:
+            image = self.plot.snapshot() if self._plotted else b""
         css_w, _ = self.plot.css_size
         img = (
             f"<img alt='training curves' style='width:{css_w}px;max-width:100%' "
