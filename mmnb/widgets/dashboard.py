@@ -33,6 +33,7 @@ from ..progress import metric_parts
 from ..store import Run
 from ..train import Event
 from .comms import serve_while_busy
+from .fallback import StaticTwin
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
@@ -185,6 +186,7 @@ class Dashboard:
             ]
         )
         self.view.add_class("mmnb-dashboard")
+        self.twin = StaticTwin(self.view)  # what nbconvert and saved notebooks show
 
     # ---- the listener ----
     def __call__(self, event: Event) -> None:
@@ -466,6 +468,8 @@ class Dashboard:
         self.close()
         if self.handle is not None:
             self.handle.update({"text/plain": ""}, raw=True)
+        if self.twin.handle is not None:
+            self.twin.handle.update({"text/plain": ""}, raw=True)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for Checkpoint-now requests in flight (tests, scripts)."""
@@ -474,22 +478,26 @@ class Dashboard:
 
     # ---- display ----
     def show(self) -> Dashboard:
-        """Display now, remembering the output so `freeze()` can give it a static fallback."""
+        """Display now, with a static twin (`fallback.StaticTwin`) that `freeze()` fills."""
         from IPython.display import display
 
         self.handle = display(self, display_id=True)
+        self.twin.show()
         return self
 
     def freeze(self) -> None:
-        """Give the displayed output (when shown with `show()`) the final state as its static
-        fallback — the line and the plot as HTML — so a saved notebook, nbconvert or a viewer
-        without widgets shows how training ended, not its first frame."""
-        if self.handle is not None:
-            self.handle.update(self)
+        """Training has ended: the outputs shown with `show()` get the final state, so a saved
+        notebook, nbconvert's HTML or a viewer without widgets shows how training ended, not
+        its first frame — the widget output's text, and its twin's line and plot (the twin
+        is hidden wherever the widget itself renders)."""
+        if self.handle is None:
+            return
+        self.handle.update({"text/plain": self.text(), **self.view._repr_mimebundle_()}, raw=True)
+        self.twin.update(self.static_html())
 
     def static_html(self) -> str:
-        """The final state as plain HTML: the line and the plot image."""
-        line = html.escape(self.text())
+        """The state as plain HTML: the line (its state in colour) and the plot image."""
+        state = state_text(self.state, self.step, {"error": self.error})
         with self._lock:
             image = self.plot.snapshot() if self._plotted else b""
         css_w, _ = self.plot.css_size
@@ -499,7 +507,11 @@ class Dashboard:
             if image
             else ""
         )
-        return f"<div class='mmnb-dashboard-static'><code>{line}</code><br>{img}</div>"
+        return (
+            f"<div class='mmnb-dashboard-static'><span style='color:{colour(self.state)};"
+            f"font-weight:600'>{html.escape(state)}</span> "
+            f"<code>{html.escape(self.text(with_state=False))}</code><br>{img}</div>"
+        )
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = self.view._repr_mimebundle_(**kwargs) or {}
