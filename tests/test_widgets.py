@@ -175,6 +175,7 @@ def test_dashboard_stop_and_checkpoint_buttons_on_background_run(store, micro):
     assert "stop" in steps[-1].reasons  # Stop
     assert steps[-1].step < 100_000 and run.status() == "stopped"
     assert dash.state == "stop" and dash.stop_button.disabled
+    assert f"stopped at step {steps[-1].step}, saved" in dash.controls_note.value
 
 
 def test_dashboard_attach_shows_history_before_the_session(store, micro):
@@ -196,6 +197,7 @@ def _feed(dash: Dashboard, steps: range) -> None:
 
 def _frame(canvas) -> bytes:
     """The last frame ipympl's canvas sent (kept as a data URL until a front-end connects)."""
+    assert canvas._data_url.startswith("data:image/png;base64,")
     return base64.b64decode(canvas._data_url.removeprefix("data:image/png;base64,"))
 
 
@@ -327,6 +329,15 @@ def test_browser_tree_slider_and_metadata(tree):
     assert b.last_update_s is not None and b.last_update_s < 1.0
     assert b.actions.branch_button.description == "Branch from step 20"
     assert "base step 20" in b._repr_mimebundle_()["text/plain"]
+    # Another run, another range: a new slider (the browser's keeps its first range for
+    # Home and End), with the same behaviour.
+    first = b.slider
+    b.select("base-b")
+    assert b.slider is not first and (b.slider.min, b.slider.max) == (0, 30)
+    assert b.slider_box.children == (b.slider,) and b.slider.value == 30
+    before = b.checkpoint_steps[-2]
+    b.slider.value = 29  # one step left of 30: the previous checkpoint
+    assert b.slider.value == before and b.meta_text().startswith(f"base-b step {before} ")
     b.close()
 
 

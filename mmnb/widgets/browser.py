@@ -26,6 +26,7 @@ from ..describe import reasons_text, state_text
 from ..store import Run, StepInfo, Store
 from .actions import Actions
 from .catalog import Catalog, RunEntry
+from .comms import serve
 from .compare import Compare
 from .dashboard import Dashboard
 from .exporter import ExportTab
@@ -86,19 +87,10 @@ class Browser:
         # The slider's value IS the step (so the handle's aria-valuenow/-text is the step and
         # its position shows the distance between checkpoints); a value between two
         # checkpoints snaps to the next one in the direction it moved (`_on_step`).
-        self.slider = w.IntSlider(
-            value=0,
-            min=0,
-            max=1,
-            description="step",
-            continuous_update=False,
-            disabled=True,
-            style={"description_width": "initial"},
-            layout=w.Layout(width="98%"),
-        )
         self._steps: list[int] = []  # the selected run's checkpoint steps
         self._sent: tuple[int, float] | None = None  # the last value the slider sent, when
-        self.slider.add_class("mmnb-slider")
+        self.slider_box = w.Box(layout=w.Layout(width="98%"))
+        self.slider = self._new_slider(0, 1, 0)
         # A PNG (never ipympl's canvas): a slider move blits one marker, in a few ms.
         self.plot = Plot(("loss", "lr"), width=6.6, height=2.5, grow=1.03, interactive=False)
         self.plot.widget.layout.max_width = "68%"
@@ -134,7 +126,7 @@ class Browser:
         self.view = w.VBox(
             [
                 w.HBox([self.runs, w.VBox([self.refresh_button, self.status])]),
-                self.slider,
+                self.slider_box,
                 # Top-aligned: a stretched row would stretch the image's height too.
                 w.HBox([self.plot.widget, self.meta], layout=w.Layout(align_items="flex-start")),
                 self.tabs,
@@ -143,8 +135,10 @@ class Browser:
             ]
         )
         self.view.add_class("mmnb-browser")
+        # Messages handled in the order they were sent (a field's value before the click that
+        # reads it), and while a cell runs (see `comms`).
+        serve(self.view)
         self.runs.observe(guard(self._on_run, "choose run"), names="value")
-        self.slider.observe(guard(self._on_step, "step"), names="value")
         guard(self.refresh, "refresh")()
 
     # ---- what is selected ----
@@ -175,12 +169,9 @@ class Browser:
                     self._steps = [s.step for s in entry.steps]
                     if step is None or step not in entry.by_step:
                         step = entry.steps[-1].step if step is None else _nearest(entry, step)
-                    lo, hi = self._steps[0], self._steps[-1]
-                    # min/max first in an order that keeps min <= max at every moment
-                    if lo > self.slider.max:
-                        self.slider.max, self.slider.min = max(hi, lo + 1), lo
-                    else:
-                        self.slider.min, self.slider.max = lo, max(hi, lo + 1)
+                    lo, hi = self._steps[0], max(self._steps[-1], self._steps[0] + 1)
+                    if (self.slider.min, self.slider.max) != (lo, hi):
+                        self.slider = self._new_slider(lo, hi, step)
                     self.slider.value = step
                     self.slider.disabled = False
                 else:
@@ -230,6 +221,31 @@ class Browser:
             info = entry.by_step.get(step)
             if info is not None:
                 self._show(entry, info)
+
+    def _new_slider(self, lo: int, hi: int, value: int) -> w.IntSlider:
+        """A slider over steps lo..hi, in place of the old one. A new widget, not a new range:
+        the browser's slider (noUiSlider) keeps the range it was made with for its Home and End
+        keys, so after a change of range End would land on the old last step."""
+        slider = w.IntSlider(
+            value=value,
+            min=lo,
+            max=hi,
+            description="step",
+            continuous_update=False,
+            disabled=True,
+            style={"description_width": "initial"},
+            layout=w.Layout(width="100%"),
+        )
+        slider.add_class("mmnb-slider")
+        slider.observe(self.log.guard(self._on_step, "step"), names="value")
+        old = getattr(self, "slider", None)
+        self.slider_box.children = (slider,)
+        if old is not None:
+            serve(slider)
+        if old is not None:
+            old.close()
+        self._sent = None
+        return slider
 
     def _neighbour(self, step: int, direction: int) -> int:
         """The checkpoint after (direction 1) or before (-1) `step`; `step` at either end."""

@@ -39,7 +39,8 @@ class Compare:
             layout=w.Layout(width="30em"),
         )
         # Zoom, pan and hover through ipympl where it can be shown (`interactive.enabled`).
-        self.plot = Plot(("loss",), width=9.6, height=3.4, grow=1.03, interactive=interactive)
+        # 9 inches: a canvas does not shrink, and this one sits inside the tabs' padding.
+        self.plot = Plot(("loss",), width=9.0, height=3.4, grow=1.03, interactive=interactive)
         self._lock = threading.Lock()
         self._following = False  # set while the step range follows the runs: no redraw
         draw = log.guard(lambda _change: self._following or self.draw(), "compare")
@@ -54,6 +55,7 @@ class Compare:
                 self.plot.widget,
             ]
         )
+        self.view.add_class("mmnb-compare")
 
     def update_options(self) -> None:
         """Follow the catalog (after a refresh); keep the chosen runs that still exist."""

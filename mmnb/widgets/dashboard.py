@@ -32,7 +32,7 @@ from ..describe import BAR_STYLES, colour, reasons_text, state_text
 from ..progress import metric_parts
 from ..store import Run
 from ..train import Event
-from .comms import serve_while_busy
+from .comms import serve
 from .fallback import StaticTwin
 from .layout import close_tree
 from .log import Log
@@ -112,6 +112,7 @@ class Dashboard:
         self._workers: list[threading.Thread] = []
         self.blocking = False  # trains in the cell's thread (set by the magics)
         self._plotted = False  # the plot has shown data
+        self._stopping = False  # Stop was clicked; the stop event has not come yet
         self.handle: Any = None  # the DisplayHandle when shown through `show()`
 
         self.log = Log()
@@ -187,6 +188,8 @@ class Dashboard:
         )
         self.view.add_class("mmnb-dashboard")
         self.twin = StaticTwin(self.view)  # what nbconvert and saved notebooks show
+        # Clicks handled at once and in order, also while a cell blocks (see `comms`).
+        self._served = serve(self.view)
 
     # ---- the listener ----
     def __call__(self, event: Event) -> None:
@@ -213,6 +216,7 @@ class Dashboard:
             self._clock_base = clock[-1] if clock else 0.0
             self.tokens_per_s = self.eta = None
             self.plot.set_horizon(self.total)
+            self.plot.settle(False)  # headroom for a growing curve
             self._enable(True)
             return True
         if event.kind == "step":
@@ -265,6 +269,10 @@ class Dashboard:
             self.error = info.get("error") or info.get("text")
             self.eta = None
             self._enable(False)
+            self.plot.settle()  # the final picture fits the data
+            if self._stopping:  # "stopping … after this step" has happened: say so
+                self._note(f"stopped at step {self.step}, saved")
+                self._stopping = False
             return True
         return False
 
@@ -344,7 +352,9 @@ class Dashboard:
             spe = self.steps_per_epoch
             done = self.epoch + (self.step - self._epoch_start) / spe
             end = done + max(self.total - self.step, 0) / spe
-            parts.append(f"epoch {done:.2f}/{end:.3g}")
+            # The planned end as a whole number when it is one (2 epochs), else like `done`.
+            whole = abs(end - round(end)) < 5e-3
+            parts.append(f"epoch {done:.2f}/{round(end) if whole else f'{end:.2f}'}")
         parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.eta is not None and self.state == "training":
             parts.append(f"ETA {_clock(self.eta)}")
@@ -402,10 +412,7 @@ class Dashboard:
         """While a cell blocks on training, handle the controls' clicks at once (see
         `comms`); when the kernel cannot, hide Stop / Checkpoint now and say how to stop."""
         self.blocking = True
-        controls = [self.stop_button, self.checkpoint_button, self.scale, self.smoothing]
-        if self.plot.interactive:  # zoom, pan and hover while training
-            controls += [self.plot.widget, self.plot.widget.toolbar]
-        if serve_while_busy(*controls):
+        if self._served:
             return True
         self.stop_button.layout.display = self.checkpoint_button.layout.display = "none"
         self.controls_note.value = (
@@ -425,6 +432,7 @@ class Dashboard:
             raise ValueError(f"run {self.run.name} is not training in this kernel")
         self.run.trainer.stop()  # thread-safe: the trainer stops at its next step boundary
         self._note(f"stopping {self.run.name} after this step, with a checkpoint…")
+        self._stopping = True
         self.stop_button.disabled = True
 
     def _on_checkpoint(self, _button: Any = None) -> None:
@@ -488,12 +496,14 @@ class Dashboard:
     def freeze(self) -> None:
         """Training has ended: the outputs shown with `show()` get the final state, so a saved
         notebook, nbconvert's HTML or a viewer without widgets shows how training ended, not
-        its first frame — the widget output's text, and its twin's line and plot (the twin
-        is hidden wherever the widget itself renders)."""
+        its first frame: the twin's line and plot (hidden wherever the widget itself renders),
+        or its text in a text viewer."""
         if self.handle is None:
             return
-        self.handle.update({"text/plain": self.text(), **self.view._repr_mimebundle_()}, raw=True)
-        self.twin.update(self.static_html())
+        # The line once: in the twin (its text for text viewers); the widget output says
+        # nothing where it does not render (JupyterLab saves it without its widget).
+        self.handle.update({**self.view._repr_mimebundle_(), "text/plain": ""}, raw=True)
+        self.twin.update(self.static_html(), self.text())
 
     def static_html(self) -> str:
         """The state as plain HTML: the line (its state in colour) and the plot image."""

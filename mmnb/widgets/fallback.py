@@ -2,16 +2,17 @@
 
 A widget output (`application/vnd.jupyter.widget-view+json`) renders only next to its live
 kernel, or from widget state saved with the notebook through widget JavaScript fetched from a
-CDN. nbconvert's HTML, a notebook reopened without its kernel and GitHub's viewer pick the
-widget mimetype anyway and show an empty box or "model not found", never the output's own
-`text/html`. So a front-end object that matters after the fact (the training dashboard) shows
-a second output, its twin: empty while it lives, the final state as plain HTML (`update`) once
-it ends. A CSS rule in the twin hides it while a view of the widget is on the page (`:has()` on
-a class unique to this widget), so a live JupyterLab, Notebook 7 or VS Code shows the widget
-alone, and everywhere the widget does not render the twin shows instead.
+CDN. Elsewhere its `text/html` is never shown: nbconvert's HTML shows the widget (an empty box
+offline) when the notebook holds widget state, as nbclient saves it, and the widget's
+`text/plain` when it does not, as JupyterLab saves it; a notebook reopened without its kernel
+says "model not found". So a front-end object that matters after the fact (the training
+dashboard) shows a second output, its twin: empty while it lives, the final state as plain HTML
+(`update`) once it ends. A CSS rule in the twin hides it while a view of the widget is on the
+page (`:has()` on a class unique to this widget), so a live JupyterLab, Notebook 7 or VS Code
+shows the widget alone, and everywhere the widget does not render the twin shows instead.
 
 Colab puts every output into its own frame, where the rule cannot see the widget: no twin
-there (a live Colab shows the widget; Colab saves no widget outputs anyway).
+there, a live Colab shows the widget itself.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@
 an `ipywidgets.Image` (`plots.Plot` does either):
 
 - `choice` True / False, else `$MMNB_PLOTS` (`interactive` / `static`), else automatic:
-- interactive only when ipympl is importable AND a kernel is running (without one nothing can
-  show a widget: scripts, tests, `nbconvert --execute` get the image) AND the front-end is not
+- interactive only when ipympl is importable AND a kernel is running that has subshells
+  (ipykernel >= 7: the canvas's messages are handled by a helper subshell, so it draws while a
+  cell blocks on training; without a kernel nothing shows a widget — scripts, tests get the
+  image) AND the front-end is not
   one known not to load ipympl's JavaScript by default — Google Colab (custom widgets are off
   until `enable_custom_widget_manager()`) and VS Code (third-party widget scripts are off until
   allowed in its settings). There `MMNB_PLOTS=interactive` asks for the canvas anyway.
@@ -24,10 +26,17 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import io
 import os
 import sys
 import warnings
+from base64 import b64encode
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
+
+from .comms import helper_subshell, route
 
 if TYPE_CHECKING:
     from .plots import Plot
@@ -41,11 +50,8 @@ def available() -> bool:
 
 
 def _kernel() -> bool:
-    shell = sys.modules.get("IPython")
-    if shell is None:
-        return False
-    ip = shell.get_ipython()
-    return getattr(ip, "kernel", None) is not None
+    """A kernel that can keep a canvas live while a cell blocks (see `comms`)."""
+    return helper_subshell() is not None
 
 
 def _front_end_without_ipympl() -> str | None:
@@ -89,6 +95,17 @@ def _canvas_class() -> type:
             with self._plot.lock:
                 super()._handle_message(obj, content, buffers)
 
+        def send_binary(self, data: bytes) -> None:
+            if self.syncing_data_url:
+                # No front-end has said it is there yet: keep the frame as the widget's
+                # initial image, a data URL (ipympl stores bare base64 here, which a front-end
+                # then fails to load, and the canvas never initialises).
+                pixels = self._last_buff.view(dtype=np.uint8).reshape((*self._last_buff.shape, 4))
+                with io.BytesIO() as png:
+                    Image.fromarray(pixels).save(png, format="png", compress_level=1)
+                    self._data_url = "data:image/png;base64," + b64encode(png.getvalue()).decode()
+            self.send({"data": '{"type": "binary"}'}, buffers=[data])
+
     return PlotCanvas
 
 
@@ -96,11 +113,16 @@ def canvas(plot: Plot) -> Any:
     """An ipympl canvas widget showing `plot.figure`, drawn through `plot`."""
     from ipympl.backend_nbagg import FigureManager
 
+    subshell = helper_subshell()  # made before the canvas, which talks as soon as it exists
     view = _canvas_class()(plot.figure)
     view._plot = plot
+    if subshell is not None:
+        route(view, subshell)  # handled at once, even while a cell blocks on training
     with warnings.catch_warnings():  # ipympl's Toolbar passes traitlets an old-style argument
         warnings.simplefilter("ignore", DeprecationWarning)
         manager = FigureManager(view, 0)
+    if subshell is not None:
+        route(manager.toolbar, subshell)
     view.header_visible = False  # no "Figure 0" title
     view.resizable = False  # the figure's layout is made for its size
     view.toolbar_position = "left"

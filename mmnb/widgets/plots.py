@@ -37,7 +37,7 @@ import ipywidgets as w
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 from PIL import Image
 
 from . import interactive as _interactive
@@ -97,6 +97,7 @@ class Plot:
         # `live`: the data keep changing (a training curve), so y gets headroom relative to
         # the values, not only to their spread, and re-limiting stays rare.
         self.grow, self.pad, self.live = grow, pad, live
+        self._settled = False  # see settle()
         self.zero = set(zero)  # panels whose y axis starts at 0 (an lr that decays to ~0)
         self.log: set[str] = set()  # panels with a log y axis
         self._artists: dict[str, tuple[str, Any, bool]] = {}  # key -> (panel, artist, static)
@@ -110,7 +111,11 @@ class Plot:
         self.widget: Any = None
         if self.interactive:
             self.widget = _interactive.canvas(self)
-            self.widget.layout = w.Layout(width=f"{self.css_size[0] + 40}px", max_width="100%")
+            # A canvas cannot shrink like an image: in a narrower cell it scrolls sideways.
+            # (+8: ipympl's margins around the canvas)
+            self.widget.layout = w.Layout(
+                width=f"{self.css_size[0] + 8}px", max_width="100%", overflow="auto hidden"
+            )
         else:
             css_w, _ = self.css_size
             # Shown at its CSS size (the PNG has `scale` times the pixels: crisp on HiDPI),
@@ -151,6 +156,13 @@ class Plot:
             ax.legend_ = None
         self.follow_data()
 
+    def settle(self, settled: bool = True) -> None:
+        """The data have stopped changing (training ended): axes fit them without the
+        headroom kept for a growing curve; `settle(False)` when they grow again."""
+        if settled != self._settled:
+            self._settled = settled
+            self._background = None
+
     def follow_data(self) -> None:
         """Forget the user's zoom and pan: every panel's limits follow the data again."""
         self._auto.clear()
@@ -189,7 +201,10 @@ class Plot:
         if (panel in self.log) != on:
             self.log.symmetric_difference_update({panel})
             self.axes[panel].set_yscale("log" if on else "linear")
-            if not on:
+            if on:  # "3", "4", "6" on a loss axis, not "3 x 10^0"
+                self.axes[panel].yaxis.set_major_formatter(_PlainLog())
+                self.axes[panel].yaxis.set_minor_formatter(_PlainLog(minor_thresholds=(2, 0.5)))
+            else:
                 self.axes[panel].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
                 self.axes[panel].yaxis.set_major_locator(MaxNLocator(4))
             self._background = None
@@ -306,21 +321,24 @@ class Plot:
             # Headroom: a growing curve crosses the edge again only after `grow` times as
             # many steps; the data always fill most of the width.
             span = max(hi_x - lo_x, 1.0)
+            grow, live, pad = (
+                (1.02, False, 0.08) if self._settled else (self.grow, self.live, self.pad)
+            )
             x0 = lo_x if lo is None else lo
-            x1 = lo_x + span * self.grow if hi is None else hi
+            x1 = lo_x + span * grow if hi is None else hi
             if self._horizon is not None and hi is None:
                 x1 = min(x1, max(self._horizon, hi_x + 1))  # never past the planned end
             ax.set_xlim(x0, max(x1, x0 + 1))
             if panel in self.log:
-                ratio = (hi_y / lo_y) ** self.pad if lo_y > 0 else 2.0
-                ax.set_ylim(lo_y / ratio, hi_y * (ratio if not self.live else max(ratio, 1.5)))
+                ratio = (hi_y / lo_y) ** pad if lo_y > 0 else 2.0
+                ax.set_ylim(lo_y / ratio, hi_y * (ratio if not live else max(ratio, 1.5)))
             else:
                 yspan = hi_y - lo_y or abs(hi_y) or 1.0
-                if self.live:
+                if live:
                     yspan = max(yspan, abs(hi_y))
                 # Losses and learning rates are never negative: no axis room below 0.
-                low = 0.0 if panel in self.zero else lo_y - self.pad * yspan
-                ax.set_ylim(max(low, 0.0) if lo_y >= 0 else low, hi_y + self.pad * yspan)
+                low = 0.0 if panel in self.zero else lo_y - pad * yspan
+                ax.set_ylim(max(low, 0.0) if lo_y >= 0 else low, hi_y + pad * yspan)
             self._auto[panel] = (ax.get_xlim(), ax.get_ylim())
             self._mark_horizon(panel, ax)
         self.full_draws += 1
@@ -348,3 +366,10 @@ def _readout(title: str) -> Any:
         return f"step {x:,.0f} · {title} {y:.4g}"
 
     return format_coord
+
+
+class _PlainLog(LogFormatter):
+    """Log-axis tick labels as plain numbers, on the ticks matplotlib would label."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.4g}" if super().__call__(x, pos) else ""
