@@ -550,7 +550,10 @@ def test_the_dashboard_and_browser_in_notebook_7(server, page, tmp_path):
     (root / "nb7.ipynb").write_text(_notebook(cells))
     try:
         _open(page, url, "/notebooks/nb7.ipynb")
-        page.locator(".jp-Notebook .jp-Cell .jp-InputPrompt").first.wait_for(timeout=WAIT)
+        # the kernel is up (the toolbar's execution indicator), then run the cells
+        page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]').first.wait_for(
+            timeout=WAIT
+        )
         _run(page, 0)
         _done(page, 0)
         dashboard = _cell(page, 0).locator(".mmnb-dashboard")
