@@ -1,27 +1,25 @@
 """`%train` (in an InteractiveShell, with the live display) vs `mmnb.train(...)`: the magic's cost.
 
     python benchmarks/bench_magics.py            # tiny preset, 16x128, 12 pairs of 30-step runs
-    python benchmarks/bench_magics.py --quick    # fewer steps and rounds
+    python benchmarks/bench_magics.py --quick    # fewer steps, 6 rounds
 
 Both train the same config into a temporary store, with a progress event every step (the
 worst case for the display). They are measured side by side in one process, alternating
-which goes first; the ratio of the summed times and the median ratio of the pairs are
-printed (target <= 1.03).
+which goes first; the median and range of the per-pair ratios are printed (target <= 1.03).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from traitlets.config import Config
 
+import benchlib
 import mmnb
 
 OPTIONS = dict(preset="tiny", batch_size=16, max_seq_len=128, log_every=1)
@@ -36,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    steps, rounds = (10, 4) if args.quick else (30, 12)
+    steps, rounds = (10, 6) if args.quick else (30, 12)
+    benchlib.header("%train vs mmnb.train", ["%train / mmnb.train <= 1.03 (wall, paired)"])
 
     config = Config()
     config.HistoryManager.hist_file = ":memory:"
@@ -72,19 +71,19 @@ def main() -> None:
             a = via_api(i)
         pairs.append((m, a))
     magic, api = sum(m[0] for m, _ in pairs), sum(a[0] for _, a in pairs)
-    median = statistics.median(m[0] / a[0] for m, a in pairs)
+    ratios = [m[0] / a[0] for m, a in pairs]
     # CPU time is what a busy machine disturbs least (other processes take wall time).
     cpu = sum(m[1] for m, _ in pairs) / sum(a[1] for _, a in pairs)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"{rounds} rounds of {steps} steps ({OPTIONS['batch_size']}x{OPTIONS['max_seq_len']}, "
         f"tiny): %train {magic:.2f} s, mmnb.train {api:.2f} s, "
         f"{draws / rounds:.1f} display draws per run"
     )
     print(
-        f"%train / mmnb.train: wall {magic / api:.3f} summed, {median:.3f} median of pairs; "
-        f"CPU {cpu:.3f}  (target <= 1.03)"
+        f"%train / mmnb.train: wall {benchlib.spread(ratios)} median (range) of pairs, "
+        f"{magic / api:.3f} summed; CPU {cpu:.3f}  (target <= 1.03)"
     )
+    benchlib.footer()
 
 
 if __name__ == "__main__":

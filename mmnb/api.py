@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +33,7 @@ from .jobs import recovery
 from .jobs.session import open_session
 from .model import MiniMind
 from .schedule import Plan
-from .store import Run, Store, StoreError, check_run_name
+from .store import CorruptCheckpoint, Run, Store, StoreError, check_run_name
 from .tokenizer import Tokenizer
 from .train import Event, Trainer, plan_for
 from .validate import (
@@ -51,6 +52,7 @@ Listener = Callable[[Event], None]
 # Options a plain resume may change: they do not alter the trajectory, only this session.
 SESSION_FIELDS = (
     *("stop_at", "time_budget", "save_every", "log_every", "keep_last", "keep_every"),
+    "async_save",  # how checkpoints are written, never what
     # The anomaly policy: it changes a trajectory only by recoveries, which are recorded.
     *("on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
 )
@@ -139,12 +141,13 @@ def train(
         if train_cfg.tokenizer is not None and tokenizer.vocab_size != model_cfg.vocab_size:
             # A given tokenizer decides the vocabulary; the embedding follows it.
             model_cfg = dataclasses.replace(model_cfg, vocab_size=tokenizer.vocab_size)
-    dataset = build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=prep)
+    dataset = _dataset(train_cfg, tokenizer, prep)
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
     if source is not None:
         with torch.no_grad():  # copy_ casts a half-precision file up to the fp32 master weights
             for name, tensor in trainer.model.state_dict().items():
-                tensor.copy_(source.state[name])
+                if ".lora." not in name:  # LoRA adapters start as drawn: B = 0
+                    tensor.copy_(source.state[name])
     handle = store.create_run(
         run or store.new_name(),
         config_to_dict(model_cfg, train_cfg),
@@ -158,6 +161,10 @@ def train(
         for text in notices:
             trainer.emit("notice", text=text)
         trainer.checkpoint(["start"])  # step 0: resumable and branchable before the first step
+        if trainer.lora or train_cfg.objective == "dpo":
+            # A run that is LoRA or DPO from its start: step 0 (written whole) is its frozen
+            # base and its reference; the checkpoints after it refer to it.
+            _start_frozen(trainer, store, handle)
     except BaseException as err:
         if stream is not None:
             stream.close(err)
@@ -243,7 +250,7 @@ def resume(
         state = handle.load(step)
         listeners = list(listeners)
         trainer = _restore(
-            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, listeners
+            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle, listeners
         )
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
@@ -406,8 +413,9 @@ def _branch(
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
     listeners = list(listeners)
+    state = parent.load(step)
     trainer = _restore(
-        parent.load(step), model_cfg, train_cfg, tokenizer_json, device, stage, listeners
+        state, model_cfg, train_cfg, tokenizer_json, device, stage, parent, listeners
     )
     handle = store.create_run(
         name or store.new_name(f"{parent.name}-b"),
@@ -428,18 +436,24 @@ def _restore(
     tokenizer_json: str,
     device: str,
     branch_stage: dict[str, Any] | None = None,
+    source: Run | None = None,
     listeners: Iterable[Listener] = (),
 ) -> Trainer:
-    """A Trainer holding `state`. At a branch point (`branch_stage` given) the inherited
-    checkpoint holds the parent's plan and data position; the branch's own follow from its
-    config, deterministically."""
+    """A Trainer holding `state`, a checkpoint listed by run `source`. At a branch point
+    (`branch_stage` given) the inherited checkpoint holds the parent's plan and data position;
+    the branch's own follow from its config, deterministically. LoRA and DPO stages get their
+    frozen weights through `mmnb.stages`."""
+    from . import stages
+
     tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = build_dataset(
-        train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=_preparation(listeners)
-    )
+    dataset = _dataset(train_cfg, tokenizer, _preparation(listeners))
     trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
-    trainer.load_state_dict(state)
-    if branch_stage is not None and trainer.step == branch_stage["start"]:
+    step = int(state["trainer"]["step"])
+    owner = source.store.run(source.step_info(step).run)  # who wrote it: a branch inherits
+    _, old = config_from_dict(owner.config_dict())
+    at_branch = branch_stage is not None and step == branch_stage["start"]
+    stages.load(trainer, state, source.store, owner, old, at_branch)
+    if at_branch:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.step)
@@ -452,6 +466,27 @@ def _restore(
             "was written; restore it or branch with --data"
         )
     return trainer
+
+
+def _dataset(
+    train_cfg: TrainConfig, tokenizer: Tokenizer, progress: Callable[[dict[str, Any]], None]
+) -> Any:
+    if train_cfg.objective == "dpo":  # preference pairs: small, tokenised in one go
+        from .preference import build_preference_dataset
+
+        return build_preference_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len)
+    return build_dataset(train_cfg.data, tokenizer, train_cfg.max_seq_len, progress=progress)
+
+
+def _start_frozen(trainer: Trainer, store: Store, handle: Run) -> None:
+    from . import frozen, stages
+
+    ref = frozen.reference(handle, trainer.step)
+    if trainer.lora:
+        trainer.frozen["base"] = ref
+    if trainer.config.objective == "dpo":
+        trainer.frozen["reference"] = ref
+        stages.install_reference(trainer, store, ref)
 
 
 def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], None]:
@@ -479,13 +514,18 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Eve
             attach(handle)
     cfg = trainer.config
 
-    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
-        info = handle.commit(t.state_dict(), reasons, tags)
-        protect = {s for s in (t.plan.decay_start, t.plan.start) if s is not None}
+    def write(state: dict[str, Any], reasons: list[str], tags: list[str]) -> Any:
+        info = handle.commit(state, reasons, tags)
+        plan = trainer.plan
+        protect = {s for s in (plan.decay_start, plan.start) if s is not None}
         handle.prune(cfg.keep_last, cfg.keep_every, protect)
         return info
 
+    def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:
+        return write(t.state_dict(), reasons, tags)
+
     trainer.saver = save
+    trainer.state_writer = write  # the same, given a state: for saves in the background
     recovery.install(handle, trainer)
     return open_session(handle, trainer)
 
@@ -519,14 +559,17 @@ def _launch(
 
 def load_model(run: Run, step: int | None = None) -> tuple[MiniMind, Tokenizer]:
     """The model (eval mode) and tokenizer of a checkpoint, reading only the weights."""
-    model_cfg, _ = config_from_dict(run.config_dict())
-    state = run.load(step, groups=("model",))
-    with torch.device("meta"):
-        model = MiniMind(model_cfg)
-    model.load_state_dict(state["model"], assign=True)
-    model.lm_head.weight = model.model.embed_tokens.weight  # assign=True unties; tie again
-    model.eval()
-    return model, Tokenizer.from_json(run.tokenizer_json())
+    from .frozen import build_model  # a LoRA checkpoint: its adapters on its frozen base
+
+    tokenizer = Tokenizer.from_json(run.tokenizer_json())
+    if step is not None:
+        return build_model(run, step), tokenizer
+    for info in reversed(run.steps()):  # the newest readable checkpoint, as Run.load does
+        try:
+            return build_model(run, info.step), tokenizer
+        except CorruptCheckpoint as err:
+            warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+    raise StoreError(f"run {run.name!r} has no readable checkpoint")
 
 
 def generate(

@@ -292,11 +292,9 @@ def watch_command(args: argparse.Namespace) -> int:
     bar = ConsoleProgress()
     attachment = Attachment(run, bar, keep_following=lambda: _queued(store, run.name))
     attachment.replay()
-    attachment.start()
     try:
-        attachment.wait()
+        attachment.follow_here()
     except KeyboardInterrupt:
-        attachment.close()
         print("stopped watching (the run goes on)", file=sys.stderr)
         return 130
     finally:

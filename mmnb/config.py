@@ -95,6 +95,7 @@ class ModelConfig:
 
 
 MOE_ROUTERS = ("minimind3", "minimind2")
+OBJECTIVES = ("lm", "dpo")
 SCHEDULES = ("wsd", "cosine", "constant", "minimind")
 DTYPES = ("fp32", "bf16")
 ANOMALY_POLICIES = ("stop", "rollback")
@@ -134,6 +135,15 @@ class TrainConfig:
     time_budget: float | None = None  # seconds of training before a clean stop; the plan is kept
     keep_last: int = 0  # retention: keep the newest N checkpoints (0 = keep all)
     keep_every: int = 0  # retention: also keep every M-th step (0 = none extra)
+    # Write checkpoints on a background thread while training goes on; None = when the state
+    # is larger than 64 MiB (mmnb.asyncsave). Never changes what is saved.
+    async_save: bool | None = None
+    # Stages after pretraining and SFT (docs/minimind.md): both start from existing weights.
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets, base frozen; 0 = off
+    lora_alpha: float | None = None  # adapter scale is alpha / rank; None = rank (MiniMind's 1)
+    lora_targets: str = "q_proj,o_proj"  # linear layers to adapt (MiniMind: its square ones)
+    objective: str = "lm"  # lm (next-token loss) | dpo (preference pairs vs a frozen reference)
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
     # What a refused step (non-finite loss or grad norm, or a spike) leads to (mmnb.jobs.recovery).
     on_anomaly: str = "stop"  # stop (checkpoint the last good step) | rollback
     spike_factor: float = 0.0  # refuse a step whose loss is over F x the running mean; 0 = off
@@ -165,6 +175,11 @@ class TrainConfig:
             positive("stop_at", self.stop_at)  # a session that stops at step 0 trains nothing
         if self.time_budget is not None:
             positive("time_budget", self.time_budget)
+        non_negative("lora_rank", self.lora_rank)
+        if self.lora_alpha is not None:
+            positive("lora_alpha", self.lora_alpha)
+        one_of("objective", self.objective, OBJECTIVES)
+        positive("dpo_beta", self.dpo_beta)
         one_of("on_anomaly", self.on_anomaly, ANOMALY_POLICIES)
         non_negative("spike_factor", self.spike_factor)
         if self.spike_factor and not self.spike_factor > 1.0:

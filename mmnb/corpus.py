@@ -19,9 +19,11 @@ from typing import Any
 ASSETS_DIR = Path(__file__).parent / "assets"
 PRETRAIN_PATH = ASSETS_DIR / "pretrain.jsonl"
 CHAT_PATH = ASSETS_DIR / "chat.jsonl"
+DPO_PATH = ASSETS_DIR / "dpo.jsonl"
 
 DEFAULT_NUM_DOCS = 3000  # about 1.4 MB of text
 DEFAULT_NUM_CONVERSATIONS = 2000
+DEFAULT_NUM_PAIRS = 600
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -601,13 +603,81 @@ def generate_chat(seed: int = 0, num_conversations: int = DEFAULT_NUM_CONVERSATI
     return records
 
 
+# ---- preferences (DPO) -----------------------------------------------------------------------
+
+# Unhelpful replies: the rejected side of some pairs, so preferences cover tone, not only facts.
+EVASIONS = (
+    "I do not know.",
+    "Ask someone else.",
+    "That is not a good question.",
+    "I would rather not say.",
+)
+_FACTS = {  # person attribute -> (question templates, answer template)
+    "home": (("Where does {n} live?", "Which town is {n} from?"), "{n} lives in {v}."),
+    "colour": (("What is {n}'s favourite colour?",), "{n}'s favourite colour is {v}."),
+    "pet": (("What pet does {n} have?",), "{n} has a {v}."),
+    "job": (("What does {n} do?", "What is {n}'s job?"), "{n} is a {v}."),
+    "food": (("What does {n} like to eat?",), "{n} likes to eat {v}."),
+    "age": (("How old is {n}?",), "{n} is {v} years old."),
+}
+
+
+def _fact_pair(r: random.Random) -> tuple[str, str, str]:
+    """(question, true answer, false answer) about a person of the valley."""
+    p = r.choice(PEOPLE)
+    field = r.choice(list(_FACTS))
+    questions, answer = _FACTS[field]
+    right = getattr(p, field)
+    wrong = r.choice(sorted({getattr(q, field) for q in PEOPLE} - {right}))
+    q = r.choice(questions).format(n=p.name)
+    return q, answer.format(n=p.name, v=right), answer.format(n=p.name, v=wrong)
+
+
+def _sum_pair(r: random.Random) -> tuple[str, str, str]:
+    a, b = r.randint(0, 20), r.randint(0, 20)
+    wrong = a + b + r.choice([-3, -2, -1, 1, 2, 3])
+    if wrong < 0:
+        wrong = a + b + 1
+    return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}.", f"{a} plus {b} is {wrong}."
+
+
+def generate_dpo(seed: int = 0, num_pairs: int = DEFAULT_NUM_PAIRS) -> list[dict]:
+    """MiniMind DPO records: `{"chosen": [messages], "rejected": [messages]}`.
+
+    Both sides share the prompt (an optional system message and a user question) and differ in
+    the assistant's last reply: true against false facts and sums, helpful against evasive.
+    """
+    r = random.Random(seed)
+    records = []
+    for _ in range(num_pairs):
+        prompt = []
+        if r.random() < 0.2:
+            prompt.append({"role": "system", "content": r.choice(SYSTEM_PROMPTS)})
+        x = r.random()
+        if x < 0.6:
+            question, good, bad = _fact_pair(r)
+        elif x < 0.8:
+            question, good, bad = _sum_pair(r)
+        else:
+            question, good = _qa(r)
+            bad = r.choice(EVASIONS)
+        prompt.append({"role": "user", "content": question})
+        records.append(
+            {
+                "chosen": [*prompt, {"role": "assistant", "content": good}],
+                "rejected": [*prompt, {"role": "assistant", "content": bad}],
+            }
+        )
+    return records
+
+
 def to_jsonl(records: list[dict]) -> str:
     """One JSON object per line, newline-terminated, non-ASCII kept as is."""
     return "".join(json.dumps(rec, ensure_ascii=False) + "\n" for rec in records)
 
 
 def write_assets(directory: Path | None = None) -> None:
-    """Write `pretrain.jsonl` and `chat.jsonl` (default: the package's assets folder)."""
+    """Write `pretrain.jsonl`, `chat.jsonl` and `dpo.jsonl` (default: the package's assets)."""
     directory = Path(directory) if directory is not None else ASSETS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     pretrain = to_jsonl([{"text": t} for t in generate_pretrain()])
@@ -615,6 +685,7 @@ def write_assets(directory: Path | None = None) -> None:
     (directory / CHAT_PATH.name).write_text(
         to_jsonl(generate_chat()), encoding="utf-8", newline="\n"
     )
+    (directory / DPO_PATH.name).write_text(to_jsonl(generate_dpo()), encoding="utf-8", newline="\n")
 
 
 if __name__ == "__main__":

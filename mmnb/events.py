@@ -61,6 +61,7 @@ ROTATED = "events.1.jsonl"
 VERSION = 1
 MAX_BYTES = 4 * 1024 * 1024  # rotate past this size (two files at most)
 MAX_LINE = 64 * 1024  # a longer line is not a record
+SILENCE = 60.0  # a writer on another machine whose stream is silent this long is presumed gone
 _CHUNK = 64 * 1024
 TRAINER_KINDS = ("start", "step", "epoch", "checkpoint", "notice", "stop", "recover")
 STREAM_KINDS = ("open", "heartbeat", "control", "close")
@@ -215,7 +216,7 @@ class EventWriter:
         self.errors = 0  # writes that failed (full disk…): progress is lost, training goes on
         if not self.enabled:
             return
-        self._open_file()
+        self._open_file_safely()
         open_info = {"process": self.process.to_dict(), "host": socket.gethostname()}
         open_info.update(meta or {})
         step = progress()[0] if progress else 0
@@ -286,6 +287,9 @@ class EventWriter:
                     self.errors += 1
             if lines:
                 self._append(b"".join(lines))
+            if self._closed and self._fd is not None:  # a late event after the session ended
+                os.close(self._fd)
+                self._fd = None
 
     def _open_file(self) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
@@ -298,6 +302,14 @@ class EventWriter:
                     os.write(fd, b"\n")
                     size += 1
         self._fd, self._size = fd, size
+
+    def _open_file_safely(self) -> None:
+        # A stream that cannot be written (a read-only folder, a symlink where the file should
+        # be) costs the progress, never the training: the error is counted, nothing raised.
+        try:
+            self._open_file()
+        except OSError:
+            self.errors += 1
 
     def _append(self, data: bytes) -> None:
         try:
@@ -473,8 +485,13 @@ class Progress:
         return max(self.total - self.step, 0) / self.steps_per_s
 
     def alive(self) -> bool | None:
-        """Whether the writer still runs (None when the stream names no process)."""
-        return None if self.process is None else self.process.matches()
+        """Whether the writer still runs: checked on this machine; for another machine's
+        process, whether its stream spoke in the last `SILENCE` seconds (None: unknown)."""
+        if self.process is None:
+            return None
+        if self.process.local:
+            return self.process.matches()
+        return self.updated is not None and time.time() - self.updated < SILENCE
 
 
 _MARKERS = (b'"kind":"open"', b'"kind":"heartbeat"', b'"kind":"start"')

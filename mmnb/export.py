@@ -8,6 +8,10 @@
 - `safetensors`: the state dict alone (the tied `lm_head.weight` once, as the embedding), with
   the run, step, config and tokenizer in its metadata, so `--init-from` needs nothing else.
 
+A LoRA checkpoint exports its adapters merged into its base with `merge_lora`; without it,
+`minimind` writes the adapters alone as MiniMind's `save_lora` does (`….lora.A/B.weight`,
+the scale folded into B) and `safetensors` the adapters with their base reference.
+
 Outputs are written under a temporary name and renamed into place; an existing target is
 refused, never overwritten.
 """
@@ -23,9 +27,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from . import __version__, hf
+from . import __version__, hf, lora
 from . import safetensors_format as sf
-from .config import ModelConfig, config_from_dict, config_to_dict
+from .config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from .frozen import checkpoint_weights
 from .store import Run
 from .tokenizer import Tokenizer
@@ -70,8 +74,22 @@ def export(
     target = Path(out if out is not None else f"{run.name}-{step}{SUFFIX[format]}").expanduser()
     if target.exists():
         raise ValueError(f"{target} exists; remove it or choose another --out")
-    model_cfg, _ = config_from_dict(run.config_dict())
-    state = checkpoint_weights(run, step)
+    model_cfg, train_cfg = config_from_dict(run.config_dict())
+    adapters_only = False
+    if train_cfg.lora_rank and not merge_lora:
+        if format == "hf":
+            raise ValueError(
+                f"run {run.name!r} trains LoRA adapters; transformers' classes have none: "
+                "export it with --merge-lora (or its adapters alone as minimind or safetensors)"
+            )
+        state = _adapters(run, step, train_cfg, scaled=format == "minimind")
+        adapters_only = True
+    elif merge_lora and not train_cfg.lora_rank:
+        raise ValueError(f"--merge-lora: run {run.name!r} has no LoRA adapters to merge")
+    else:
+        # A LoRA checkpoint: adapters merged into its base. Otherwise views of the checkpoint
+        # file's bytes (mmap, checksums verified): exporting is one write, not read+copy+write.
+        state = checkpoint_weights(run, step, mapped=True)
     tokenizer = Tokenizer.from_json(run.tokenizer_json())
     arch = None
     if format == "minimind":
@@ -80,14 +98,29 @@ def export(
         meta = {
             "run": run.name,
             "step": str(step),
-            "config": json.dumps(config_to_dict(*config_from_dict(run.config_dict()))),
+            "config": json.dumps(config_to_dict(model_cfg, train_cfg)),
             "tokenizer": tokenizer.to_json(),
         }
+        if adapters_only:  # the base they belong to, and their scale alpha / rank
+            meta["lora_base"] = json.dumps(run.load(step, groups=("frozen",))["frozen"]["base"])
         size = write_safetensors(state, target, DTYPES[dtype], meta)
     else:
         arch = hf.architecture(model_cfg)
         size = write_hf(state, model_cfg, tokenizer, target, DTYPES[dtype])
     return Exported(target, format, dtype, step, arch, size)
+
+
+def _adapters(run: Run, step: int, train_cfg: TrainConfig, scaled: bool) -> dict[str, Tensor]:
+    """A LoRA checkpoint's adapters under MiniMind's names (`….q_proj.lora.A.weight`). For
+    MiniMind's own `load_lora` (no alpha) the scale alpha/rank is folded into B."""
+    state = run.load(step, groups=("model",))["model"]
+    adapters = {k: v for k, v in sorted(state.items()) if lora.MARK in k}
+    if not adapters:  # the first checkpoint of a run started as LoRA also holds its base
+        raise ValueError(f"{run.name}@{step} holds no trained adapters yet")
+    scale = (train_cfg.lora_alpha or train_cfg.lora_rank) / train_cfg.lora_rank
+    if scaled and scale != 1:
+        adapters = {k: v * scale if k.endswith(".B.weight") else v for k, v in adapters.items()}
+    return adapters
 
 
 def _temporary(target: Path) -> Path:

@@ -81,38 +81,43 @@ class JobMagics(Magics):
             run = appeared(store, name)
         except user_errors() as err:
             raise _usage(err) from None
-        listener, dashboard = self._listener(run.name)
-        attachment = Attachment(run, listener, keep_following=lambda: _queued(store, run.name))
-        if dashboard is not None:
-            dashboard.attach(attachment.remote)  # its buttons act through the control channel
-        attachment.replay()
-        attachment.start()
-        self.attachments.append(attachment)
-        if dashboard is None and not args.wait:
-            from .events import progress
-            from .jobs.watch import progress_line
+        if getattr(self.shell, "kernel", None) is None:
+            return self._attach_here(store, run, args)
+        from .widgets import Dashboard
 
-            p = progress(run.path)
-            print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")
+        dashboard = Dashboard(run.name).show()
+        attachment = Attachment(run, dashboard, keep_following=lambda: _queued(store, run.name))
+        dashboard.attach(attachment.remote)  # its buttons act through the control channel
+        attachment.replay()
+        attachment.start()  # the thread only updates widget traits, never prints
+        self.attachments.append(attachment)
         if args.wait:
-            if dashboard is not None:
-                dashboard.serve_clicks()
+            dashboard.serve_clicks()
             ended = attachment.wait(args.timeout)
-            if dashboard is not None:
-                dashboard.freeze()
+            dashboard.freeze()
             if not ended:
                 print(f"stopped waiting after {args.timeout:g}s; run {run.name} goes on")
 
-    def _listener(self, name: str) -> tuple[Any, Any]:
-        """(listener, dashboard): the widget dashboard in a kernel, else a console bar."""
-        if getattr(self.shell, "kernel", None) is not None:
-            from .widgets import Dashboard
-
-            dashboard = Dashboard(name).show()
-            return dashboard, dashboard
+    def _attach_here(self, store: Any, run: Any, args: argparse.Namespace) -> None:
+        """Terminal IPython: where the run stands; with --wait, its progress bar until it
+        ends, drawn by this thread (a background thread never prints)."""
+        from .events import progress
+        from .jobs.attach import Attachment
+        from .jobs.watch import progress_line
         from .progress import ConsoleProgress
 
-        return ConsoleProgress(), None
+        if args.wait:
+            bar = ConsoleProgress()
+            attachment = Attachment(run, bar, keep_following=lambda: _queued(store, run.name))
+            attachment.replay()
+            try:
+                ended = attachment.follow_here(args.timeout)
+            finally:
+                bar.close()
+            if not ended:
+                print(f"stopped waiting after {args.timeout:g}s; run {run.name} goes on")
+        p = progress(run.path)
+        print(progress_line(run.name, p) if p else f"run {run.name}: no event stream yet")
 
     # ---- %queue ----
     @magic_arguments()

@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,11 +103,13 @@ class ProcessRecord:
     argv: list[str] = field(default_factory=list)
     logs: str | None = None  # folder with stdout.log, stderr.log and exit.json
     started: float = 0.0  # Unix time
+    host: str = ""  # the machine it runs on (a store may be shared by several)
 
     @classmethod
     def of(cls, pid: int, **kw: Any) -> ProcessRecord:
         """The record of a running process (this one: `ProcessRecord.of(os.getpid())`)."""
         pgid = os.getpgid(pid)
+        kw.setdefault("host", socket.gethostname())
         return cls(pid=pid, pgid=pgid, ticks=start_ticks(pid), boot=boot_id(), **kw)
 
     @classmethod
@@ -125,6 +128,7 @@ class ProcessRecord:
                 argv=argv,
                 logs=logs,
                 started=float(data.get("started", 0.0)),
+                host=str(data.get("host", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"not a process record ({err})") from None
@@ -132,9 +136,15 @@ class ProcessRecord:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def local(self) -> bool:
+        """Whether it runs on this machine (only then can it be checked or signalled)."""
+        return not self.host or self.host == socket.gethostname()
+
     def matches(self) -> bool:
-        """True while `pid` is the very process this record describes (not a reused pid)."""
-        if self.pid <= 0:
+        """True while `pid` is the very process this record describes (not a reused pid);
+        False for a process of another machine."""
+        if self.pid <= 0 or not self.local:
             return False
         if self.ticks is None or not os.path.exists("/proc/self/stat"):
             try:
@@ -403,6 +413,8 @@ def spawn(
     folder = Path(logs) if logs is not None else None
     full_env = dict(os.environ, **(env or {}))
     if folder is not None:
+        if folder.is_symlink():
+            raise ValueError(f"log folder {folder} is a symlink; refused")
         folder.mkdir(parents=True, exist_ok=True)
         for stale in [folder / EXIT, *folder.glob("rank-*.json")]:
             stale.unlink(missing_ok=True)
@@ -410,7 +422,8 @@ def spawn(
         out = open(folder / STDOUT, "ab")  # closed below; the child keeps its copy
         err = open(folder / STDERR, "ab")
     else:
-        full_env.pop(EXIT_FILE_ENV, None)
+        # No folder of its own: a job started inside a job (`mmnb train --nproc N` run by the
+        # worker) keeps the outer job's, so its ranks register there and die with it.
         out = err = None
     try:
         popen = subprocess.Popen(
@@ -435,6 +448,7 @@ def spawn(
         argv=list(argv),
         logs=str(folder.resolve()) if folder is not None else None,
         started=time.time(),
+        host=socket.gethostname(),
     )
     job = Job(record, popen)
     if folder is not None:

@@ -61,6 +61,13 @@ RUN_OPTIONS: list[Option] = [
     _opt("--moe", action=argparse.BooleanOptionalAction, help="mixture-of-experts MLPs"),
     _opt("--experts", type=int, help="experts per MoE layer"),
     _opt("--top-k", type=int, help="experts per token"),
+    _opt("--lora-rank", type=int, help="train LoRA adapters of this rank, base frozen (0 = off)"),
+    _opt("--lora-alpha", type=float, help="adapter scale alpha/rank (default: rank, as MiniMind)"),
+    _opt(
+        "--lora-targets", help="linear layers to adapt, e.g. q_proj,v_proj (default q_proj,o_proj)"
+    ),
+    _opt("--objective", choices=["lm", "dpo"], help="lm, or dpo on preference pairs (--data dpo)"),
+    _opt("--dpo-beta", "--beta", type=float, help="DPO beta (default 0.1)"),
 ]
 
 # Where a new run's weights come from (train only: a branch starts from its parent).
@@ -81,6 +88,12 @@ SESSION_OPTIONS: list[Option] = [
     _opt("--keep-last", type=int, help="retention: keep the newest N checkpoints"),
     _opt("--keep-every", type=int, help="retention: also keep every M-th step"),
     _opt("--log-every", type=int, help="steps between progress updates"),
+    _opt(
+        "--async-save",
+        action=argparse.BooleanOptionalAction,
+        help="write checkpoints in the background while training goes on "
+        "(default: when the state is over 64 MiB)",
+    ),
     _opt(
         "--on-anomaly",
         choices=["stop", "rollback"],

@@ -29,14 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import lora
+from .asyncsave import AUTO_BYTES, AsyncWriter, Job, state_bytes
 from .config import ModelConfig, TrainConfig
 from .data import TokenDataset, epoch_order
 from .events import Event  # defined with the stream that carries it to other processes
 from .model import MiniMind
+from .objective import objective_for
 from .schedule import Plan
 from .speed import compile_model, make_optimizer
 
 METRIC_NAMES = ("step", "loss", "lr", "grad_norm", "tokens", "time")
+LORA_STREAM = 0x10A  # the random stream LoRA's A matrices are drawn from: (seed, LORA_STREAM)
 
 
 @dataclass
@@ -208,9 +212,23 @@ class Trainer:
                 f"accum {train_config.accum})"
             )
         self.model = MiniMind(model_config, seed=train_config.seed).to(self.device)
+        # A LoRA stage trains adapters only (mmnb.lora); its base weights come from `load_base`.
+        self.lora = train_config.lora_rank > 0
+        if self.lora:
+            rank = train_config.lora_rank
+            alpha = train_config.lora_alpha or rank
+            targets = lora.targets_of(train_config.lora_targets)
+            seed = _mix_seed(train_config.seed, LORA_STREAM, 0)  # 3 keys: never a dropout stream
+            lora.apply(self.model, rank, alpha, targets, seed)
+        self.objective = objective_for(train_config.objective, train_config.dpo_beta)
+        self.metric_names = METRIC_NAMES + self.objective.metrics
+        # References to the frozen weights this stage uses (LoRA base, DPO reference), as
+        # `mmnb.frozen` writes them; checkpointed so a resume finds the same weights.
+        self.frozen: dict[str, Any] = {}
         # Names, not positions, key the optimizer state in a checkpoint; tied weights appear once.
-        self.param_names = [n for n, _ in self.model.named_parameters()]
-        self.optimizer = make_optimizer(self.model.parameters(), train_config, self.device)
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in trainable]
+        self.optimizer = make_optimizer([p for _, p in trainable], train_config, self.device)
         # What the training step calls: the model itself, or a compiled wrapper around it that
         # shares its parameters (so state_dict keys are unchanged).
         self._forward: Callable[..., Any] = self.model
@@ -223,11 +241,17 @@ class Trainer:
         self.position = 0  # global sample index into this epoch's order
         self.tokens = 0  # tokens fed to the model
         self.elapsed = 0.0  # seconds spent training, summed over sessions
-        self.metrics: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+        self.metrics: dict[str, list[float]] = {name: [] for name in self.metric_names}
         self.listeners: list[Callable[[Event], None]] = []
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
         # The store installs it.
         self.saver: Callable[[Trainer, list[str], list[str]], Any] | None = None
+        # The same write given a state dict: what a checkpoint written in the background runs
+        # (async saves, `config.async_save`; the store installs it too).
+        self.state_writer: Callable[[dict[str, Any], list[str], list[str]], Any] | None = None
+        self._writer = AsyncWriter()
+        self.checkpoint_seconds = 0.0  # time the loop spent saving or waiting for a save
+        self._pending: tuple[Job, list[tuple[Future, list[str]]]] | None = None
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
@@ -272,9 +296,10 @@ class Trainer:
             taken, self._requests = self._requests, []
         return taken
 
-    def emit(self, kind: str, **info: Any) -> None:
+    def emit(self, kind: str, *, at: int | None = None, **info: Any) -> None:
+        """Tell the listeners; `at` is the step the event is about (default: the current one)."""
         self._stop_said = self._stop_said or kind == "stop"
-        event = Event(kind, self.step, info)
+        event = Event(kind, self.step if at is None else at, info)
         for listener in list(self.listeners):
             listener(event)
 
@@ -295,6 +320,7 @@ class Trainer:
         try:
             return self._fit()
         except Exception as err:
+            self._settle_save()
             # Front-ends must not keep showing "training": say how it ended, then re-raise.
             if not self._stop_said:
                 self.emit("stop", reason=StopReason.FAILED, error=f"{type(err).__name__}: {err}")
@@ -343,8 +369,9 @@ class Trainer:
                     requests = self._take_requests()
                     if requests:
                         reasons.append("requested")
+                    self.finish_save(wait=False)
                     if reasons:
-                        self.checkpoint(reasons, requests=requests)
+                        self.checkpoint(reasons, requests=requests, background=True)
             except KeyboardInterrupt:
                 # Gradients of an unfinished accumulation window are discarded; counters, data
                 # position and the dropout stream only ever advance at a boundary.
@@ -360,6 +387,7 @@ class Trainer:
                 final.append("requested")
             if final:
                 self.checkpoint(final, requests=requests)
+            self.finish_save(wait=True)  # the end of training waits for the commit in flight
             self.emit("stop", reason=reason)
         return reason
 
@@ -387,19 +415,44 @@ class Trainer:
             reasons.append("every")
         return reasons
 
+    @property
+    def async_save(self) -> bool:
+        """Whether in-loop checkpoints are written in the background (`config.async_save`)."""
+        if self.state_writer is None:
+            return False
+        if self.config.async_save is not None:
+            return self.config.async_save
+        return state_bytes(self.optimizer) > AUTO_BYTES
+
     def checkpoint(
         self,
         reasons: list[str],
         tags: list[str] = (),
         requests: list[tuple[Future, list[str]]] = (),
+        *,
+        background: bool = False,
     ) -> Any:
-        """Save the state at this boundary through `saver`; return what it returned."""
+        """Save the state at this boundary through `saver`; return what it returned.
+
+        With `background` (and async saves on) the state is handed to a background writer and
+        None is returned; the `checkpoint` event and the requests' results follow once it is
+        committed (`finish_save`). Commits keep step order: a save waits for the one in flight.
+        """
         tags = sorted({*tags, *(t for _, ts in requests for t in ts)})
+        self.finish_save(wait=True)
+        if background and self.async_save:
+            t0 = time.perf_counter()
+            job = self._writer.submit(self.state_writer, self.state_dict(), reasons, tags)
+            self._pending = (job, list(requests))
+            self.checkpoint_seconds += time.perf_counter() - t0
+            return None
         saved = None
         try:
             if self.saver is not None:
+                t0 = time.perf_counter()
                 with self._guard.critical():  # a Ctrl-C during the write lands after the commit
                     saved = self.saver(self, reasons, tags)
+                self.checkpoint_seconds += time.perf_counter() - t0
                 self.saved_step = self.step
         except BaseException as err:
             for future, _ in requests:
@@ -409,6 +462,40 @@ class Trainer:
             future.set_result(saved)
         self.emit("checkpoint", reasons=reasons, tags=tags, saved=saved)
         return saved
+
+    def _settle_save(self) -> None:
+        """After a failure: wait for the save in flight too (what it committed is kept). Its
+        own error, if any, is told as a notice: the failure being raised is the one to report."""
+        try:
+            self.finish_save(wait=True)
+        except Exception as err:
+            self.emit("notice", text=f"the checkpoint written in the background failed: {err}")
+
+    def finish_save(self, wait: bool) -> None:
+        """Report the checkpoint written in the background once it is committed (its event,
+        its requests' results); with `wait`, wait for it (and say so). Re-raises its error."""
+        if self._pending is None:
+            return
+        job, requests = self._pending
+        if not job.done.is_set():
+            if not wait:
+                return
+            self.emit("notice", text=f"waiting for the checkpoint of step {job.step} to be written")
+            t0 = time.perf_counter()
+            with self._guard.critical():  # a Ctrl-C while waiting lands after the commit
+                job.done.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
+        self._pending = None
+        try:
+            saved = job.wait()
+        except BaseException as err:
+            for future, _ in requests:
+                future.set_exception(err)
+            raise
+        self.saved_step = job.step
+        for future, _ in requests:
+            future.set_result(saved)
+        self.emit("checkpoint", at=job.step, reasons=job.reasons, tags=job.tags, saved=saved)
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -426,6 +513,7 @@ class Trainer:
         model.train()
         order = self.epoch_indices(self.epoch)
         loss_sum = torch.zeros((), device=self.device)
+        extra_sums = {name: torch.zeros((), device=self.device) for name in self.objective.metrics}
         tokens = 0
         for micro in range(cfg.accum):
             lo = self.position + micro * cfg.batch_size
@@ -433,12 +521,14 @@ class Trainer:
             input_ids = input_ids.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, torch.bfloat16, enabled=self._autocast):
-                out = self._forward(input_ids, labels, generator=generator)
+                loss, extras = self.objective(self._forward, input_ids, labels, generator)
             if self.inject_nonfinite == self.step + 1 and micro == 0:
                 self.inject_nonfinite = None
-                out.loss = out.loss * float("nan")
-            (out.loss / cfg.accum).backward()
-            loss_sum += out.loss.detach()
+                loss = loss * float("nan")
+            (loss / cfg.accum).backward()
+            loss_sum += loss.detach()
+            for name, value in extras.items():
+                extra_sums[name] += value
             tokens += input_ids.numel()
         # clip_grad_norm_ split in its two halves (bitwise the same) so that a non-finite step
         # is seen before clipping scales the gradients and before the optimizer applies them.
@@ -451,6 +541,11 @@ class Trainer:
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr))
         elif self.spike_check is not None and (spike := self.spike_check(self, loss)):
             apply = self._anomaly(Anomaly(self.step + 1, loss, grad_norm.item(), lr, spike))
+        if self._pending is not None:
+            # A save in the background is copying the weights and moments: they change next.
+            t0 = time.perf_counter()
+            self._pending[0].captured.wait()
+            self.checkpoint_seconds += time.perf_counter() - t0
         with self._guard.critical():
             if apply:
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
@@ -469,6 +564,8 @@ class Trainer:
             m["grad_norm"].append(grad_norm.item())
             m["tokens"].append(self.tokens)
             m["time"].append(self.elapsed)
+            for name, value in extra_sums.items():
+                m[name].append((value / cfg.accum).item())
         if self.position == 0:
             self.emit("epoch", epoch=self.epoch)
         if self.step % cfg.log_every == 0 or self.finished:
@@ -478,10 +575,12 @@ class Trainer:
                 lr=lr,
                 tokens=self.tokens,
                 grad_norm=m["grad_norm"][-1],
+                **{name: m[name][-1] for name in self.objective.metrics},
             )
 
     def _anomaly(self, anomaly: Anomaly) -> bool:
         """Ask the anomaly policy; True to apply the update anyway (never by default)."""
+        self.finish_save(wait=True)  # a rollback reads the store: the commit in flight first
         with self._guard.critical():  # a rollback restores the whole state or nothing
             action = self.on_anomaly(self, anomaly)
         if action == AnomalyAction.SKIP:
@@ -510,8 +609,11 @@ class Trainer:
             }
             for g in optim["param_groups"]
         ]
-        return {
-            "model": self.model.state_dict(),
+        # A LoRA checkpoint holds the adapters; only the first of a run started as LoRA holds
+        # the base too (it is the base the later ones refer to, see mmnb.stages).
+        adapters_only = self.lora and "base" in self.frozen
+        state = {
+            "model": lora.adapter_state(self.model) if adapters_only else self.model.state_dict(),
             "optim": {"state": state, "param_groups": groups},
             "schedule": {"plan": self.plan.to_dict(), "step": self.step},
             "rng": rng_state(),
@@ -531,9 +633,57 @@ class Trainer:
             },
             "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
         }
+        if self.frozen:
+            state["frozen"] = dict(self.frozen)
+        return state
+
+    def load_base(self, weights: dict[str, torch.Tensor]) -> None:
+        """The frozen base weights of a LoRA stage (every key of a MiniMind state dict)."""
+        self._load_weights(weights, lora.base_state(self.model))
+
+    def load_counters(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
+        """Plan, counters, data position and metrics of `sd`, not its weights or optimizer:
+        the start of a stage whose trainable parameters differ from the checkpoint's."""
+        self.plan = Plan.from_dict(sd["schedule"]["plan"])
+        t = sd["trainer"]
+        self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
+        self.elapsed = float(t["elapsed"])
+        self.position = int(sd["data"]["position"])
+        # A metric this objective logs and the checkpoint's did not (DPO's rewards after an LM
+        # stage) is NaN for the steps before: every metric stays aligned with "step".
+        steps = len(sd["metrics"]["step"])
+        self.metrics = {
+            k: [float(x) for x in sd["metrics"][k]] if k in sd["metrics"] else [math.nan] * steps
+            for k in self.metric_names
+        }
+        self.saved_step = self.step  # the state came from a checkpoint of this step
+        if restore_rng:
+            set_rng_state(sd["rng"])
+
+    def _load_weights(
+        self, weights: dict[str, torch.Tensor], into: dict[str, torch.Tensor]
+    ) -> None:
+        missing = sorted(set(into) - set(weights))
+        extra = sorted(set(weights) - set(into))
+        if missing or extra:
+            what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+            raise ValueError(f"checkpoint weights do not fit this model ({what})")
+        with torch.no_grad():
+            for name, tensor in into.items():
+                tensor.copy_(weights[name])
 
     def load_state_dict(self, sd: dict[str, Any], *, restore_rng: bool = True) -> None:
-        self.model.load_state_dict(sd["model"])
+        if self.lora:  # the adapters; the base came through load_base
+            weights = sd["model"]
+            if any(lora.MARK not in k for k in weights):  # a LoRA run's first: its base too
+                self.load_base({k: v for k, v in weights.items() if lora.MARK not in k})
+            adapters = {k: v for k, v in weights.items() if lora.MARK in k}
+            self._load_weights(adapters, lora.adapter_state(self.model))
+        else:
+            self.model.load_state_dict(sd["model"])
+        # References the checkpoint records; those it does not (a LoRA run's first checkpoint
+        # is its own base) stay as they are.
+        self.frozen = {**self.frozen, **sd.get("frozen", {})}
         names = self.param_names
         index = {n: i for i, n in enumerate(names)}
         optim = sd["optim"]
@@ -553,15 +703,7 @@ class Trainer:
                 eps=self.config.eps,
                 weight_decay=self.config.weight_decay,
             )
-        self.plan = Plan.from_dict(sd["schedule"]["plan"])
-        t = sd["trainer"]
-        self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
-        self.elapsed = float(t["elapsed"])
-        self.position = int(sd["data"]["position"])
-        self.metrics = {k: [float(x) for x in sd["metrics"][k]] for k in METRIC_NAMES}
-        self.saved_step = self.step  # the state came from a checkpoint of this step
-        if restore_rng:
-            set_rng_state(sd["rng"])
+        self.load_counters(sd, restore_rng=restore_rng)
 
 
 @contextlib.contextmanager

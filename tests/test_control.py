@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import mmnb
 from mmnb.events import EventFollower
 from mmnb.jobs import control
@@ -48,3 +50,27 @@ def test_a_request_older_than_the_session_expires(store, micro):
     mmnb.resume("a", store=store, background=True).wait(60)
     answers = [e.info for e in follower.poll() if e.kind == "control"]
     assert answers == [{"id": stale, "verb": "stop", "ok": False, "error": "expired"}]
+
+
+def test_a_control_folder_that_leads_outside_the_store_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "precious.json"
+    victim.write_text(json.dumps({"verb": "stop", "tags": [], "time": 1e12}))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / control.FOLDER).symlink_to(outside)
+    with pytest.raises(ValueError, match="is not a folder of the run; refused"):
+        control.send(run, "stop")
+
+    class Trainer:
+        step = 0
+        stopped = False
+
+        def stop(self):
+            self.stopped = True
+
+    trainer = Trainer()
+    control.Inbox(run, trainer).poll()  # reads nothing through the link, removes nothing
+    assert victim.exists() and not trainer.stopped
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.json"]

@@ -30,6 +30,8 @@ def test_bundled_files_are_regenerated_byte_for_byte(tmp_path, docs, chats):
     corpus.write_assets(tmp_path)
     assert (tmp_path / "pretrain.jsonl").read_bytes() == corpus.PRETRAIN_PATH.read_bytes()
     assert (tmp_path / "chat.jsonl").read_bytes() == corpus.CHAT_PATH.read_bytes()
+    assert corpus.DPO_PATH.read_bytes() == corpus.to_jsonl(corpus.generate_dpo()).encode()
+    assert (tmp_path / "dpo.jsonl").read_bytes() == corpus.DPO_PATH.read_bytes()
 
 
 def test_generation_depends_only_on_the_seed():
@@ -118,3 +120,23 @@ def test_jsonl_lines_are_utf8_objects():
         assert raw.endswith(b"\n")
         lines = raw.decode("utf-8").split("\n")[:-1]
         assert all(isinstance(json.loads(line), dict) for line in lines)
+
+
+def test_preference_pairs_share_the_prompt_and_differ_in_the_reply():
+    pairs = corpus.generate_dpo()
+    assert len(pairs) == corpus.DEFAULT_NUM_PAIRS
+    assert corpus.generate_dpo(seed=3, num_pairs=20) == corpus.generate_dpo(3, 20)
+    for pair in pairs:
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        assert chosen[:-1] == rejected[:-1] and chosen[-2]["role"] == "user"
+        assert chosen[-1]["role"] == rejected[-1]["role"] == "assistant"
+        assert chosen[-1]["content"] != rejected[-1]["content"]
+    # the chosen facts agree with the world the corpus describes
+    people = {p.name: p for p in corpus.PEOPLE}
+    homes = [p for p in pairs if p["chosen"][-1]["content"].split(" lives in ")[0] in people]
+    assert homes and all(
+        p["chosen"][-1]["content"].endswith(
+            f"lives in {people[p['chosen'][-1]['content'].split()[0]].home}."
+        )
+        for p in homes
+    )

@@ -113,8 +113,11 @@ def test_the_stream_never_leads_outside_the_store(tmp_path):
     assert read_events(run) == [] and events.progress(run) is None
     (run / events.STREAM).unlink()
     (run / events.STREAM).symlink_to(outside)
-    with pytest.raises(OSError):
-        EventWriter(run)  # a writer does not follow it either
+    before = outside.read_bytes()
+    writer = EventWriter(run)  # a writer does not follow it either, nor stop training for it
+    writer(Event("step", 1, {"loss": 1.0, "lr": 0.1, "tokens": 5}))
+    writer.close()
+    assert outside.read_bytes() == before and writer.errors > 0
 
 
 def test_progress_reads_only_the_tail(tmp_path):
@@ -135,6 +138,17 @@ def test_progress_reads_only_the_tail(tmp_path):
     with open(tmp_path / events.STREAM, "ab") as f:
         f.write(events.encode(Event("stop", 5000, {"reason": "done"}), t0 + 5001))
     assert events.progress(tmp_path).state == "done"
+    # A writer on another machine: alive while its stream speaks, presumed gone when silent.
+    remote = {"pid": 1, "pgid": 1, "ticks": 1, "boot": "b", "host": "another-host"}
+    now = time.time()
+    with open(tmp_path / events.STREAM, "ab") as f:
+        f.write(events.encode(Event("open", 0, {"process": remote}), now))
+    assert events.progress(tmp_path).alive() is True
+    with open(tmp_path / events.STREAM, "ab") as f:
+        f.write(events.encode(Event("heartbeat", 0, {"process": remote}), now + 1))
+    p = events.progress(tmp_path)
+    p.updated -= events.SILENCE + 5
+    assert p.alive() is False
 
 
 def test_every_training_session_writes_its_stream(store, micro):
@@ -151,3 +165,21 @@ def test_every_training_session_writes_its_stream(store, micro):
     assert again == ["open", "notice", "start", "stop", "close"]  # "already finished"
     p = events.progress(run.path)
     assert (p.step, p.total, p.state, p.loss) == (6, 6, "done", run.latest().loss)
+
+
+def test_a_late_event_is_written_and_leaves_no_file_open(store, micro):
+    run = mmnb.train("a", store=store, max_steps=3, **micro)
+    run.checkpoint(tags=["late"])  # idle: after its session's stream was closed
+    late = [e for e in read_events(run.path) if e.kind == "checkpoint"][-1]
+    assert late.info["saved"].tags == ["late"]
+    assert str((run.path / events.STREAM).resolve()) not in _open_files()
+
+
+def _open_files() -> list[str]:
+    paths = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:  # the listing's own descriptor, closed by now
+            pass
+    return paths

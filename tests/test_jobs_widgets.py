@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import mmnb
 from mmnb.jobs import commands, recovery
+from mmnb.jobs.attach import Attachment
 from mmnb.jobs.queue import Queue
 
 
@@ -29,3 +32,40 @@ def test_queue_tab_shows_pipelines_and_the_loss_plot_marks_rollbacks(store, micr
     browser.select("a")
     x, _ = browser.plot._artists["recoveries"][1].get_data()
     assert list(x) == [4]  # rolled back from step 7 to the checkpoint of step 4
+
+
+def test_attaching_a_run_without_a_stream_says_how_it_stands(store, micro):
+    run = mmnb.train("a", store=store, max_steps=3, **micro)
+    (run.path / "events.jsonl").unlink()  # a run trained before streams existed
+    seen = []
+    attachment = Attachment(run, seen.append)
+    attachment.replay()
+    assert [(e.kind, e.step, e.info) for e in seen] == [("stop", 3, {"reason": "done"})]
+    assert not attachment.live
+
+
+def test_the_queue_tab_attaches_a_running_job_and_stops_it(store, micro):
+    run = mmnb.train("live", store=store, max_steps=100_000, background=True, **micro)
+    try:
+        q = Queue(store)
+        job = q.add(commands.parse("resume", ["live"], store))
+        q.start_attempt(job.id, ["resume", "live"], {"pid": 0, "pgid": 0, "ticks": 0, "boot": ""})
+        tab = mmnb.browse(store).queue
+        tab.refresh()
+        tab.job.value = job.id
+        dashboard = tab.attach()
+        deadline = time.monotonic() + 60
+        while not (dashboard.state == "training" and dashboard.step > 2):
+            assert time.monotonic() < deadline, "no live steps"
+            time.sleep(0.05)
+        assert not dashboard.stop_button.disabled
+        dashboard.stop_button.click()  # through the run's control channel
+        run.wait(60)
+        while dashboard.state != "stop":
+            assert time.monotonic() < deadline, "the dashboard did not see the stop"
+            time.sleep(0.05)
+        assert "stop" in run.latest().reasons
+        tab.close()
+    finally:
+        if run.training:
+            run.stop()

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import cli_args
 from mmnb import launch
+from mmnb.events import progress
 from mmnb.launch import EXIT_LOST, Job, ProcessRecord
+from mmnb.store import Store
 
 SLEEPER = """
 import os, sys, time
@@ -145,6 +148,9 @@ def test_records_from_an_untrusted_store_are_checked():
     assert record.matches() and ProcessRecord.from_dict(record.to_dict()) == record
     rebooted = ProcessRecord.from_dict({**record.to_dict(), "boot": "another-boot"})
     assert not rebooted.matches()
+    # A process of another machine sharing the store is never checked or signalled here.
+    elsewhere = ProcessRecord.from_dict({**record.to_dict(), "host": "another-host"})
+    assert not elsewhere.local and not elsewhere.matches() and not Job.of(elsewhere).alive()
 
 
 def test_tail_reads_a_bounded_window(tmp_path):
@@ -152,3 +158,18 @@ def test_tail_reads_a_bounded_window(tmp_path):
     log.write_text("".join(f"line {i}\n" for i in range(100_000)))
     assert launch.tail_lines(log, 3) == ["line 99997", "line 99998", "line 99999"]
     assert launch.tail_lines(Path(tmp_path / "missing"), 3) == []
+
+
+def test_interrupt_checkpoints_the_last_completed_step(tmp_path, micro):
+    store = tmp_path / "store"
+    args = ["train", "a", "--max-steps", "100000", "--no-sample", "--store", str(store)]
+    job = launch.start([*args, *cli_args(micro)], logs=tmp_path / "a")
+    try:
+        _wait_for(lambda: (p := progress(store / "a")) is not None and p.step >= 3, 120)
+        assert job.interrupt()  # SIGINT: checkpoint at the boundary, exit 130
+        assert job.wait(60) == 130
+    finally:
+        job.kill()
+    latest = Store(store).run("a").latest()
+    assert "interrupt" in latest.reasons and latest.step >= 3  # (an epoch end may coincide)
+    assert "interrupted; the last completed step is checkpointed" in job.tail(1)[0]

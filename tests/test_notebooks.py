@@ -25,6 +25,7 @@ def test_the_tutorials_exist():
         "04-sft-chat",
         "05-your-own-data",
         "06-queue-and-pipelines",
+        "07-lora-and-dpo",
     ]
 
 

@@ -128,3 +128,19 @@ def test_pth_both_ways_with_minimind(preset, tmp_path, small_corpus):
     assert all(torch.equal(got[k], v.half().float()) for k, v in fresh.state_dict().items())
     fresh.load_state_dict({k: v.half().float() for k, v in fresh.state_dict().items()})
     assert torch.equal(mmnb.load_model(run)[0](x).logits, fresh.eval()(x).logits)
+
+
+@pytest.mark.parametrize("generation", ["head", "minimind2"])
+def test_minimind_tokenizer_loads_and_renders_chatml(generation):
+    path = SRC / generation / "model" / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip(f"MiniMind's tokenizer not found at {path}")
+    from mmnb.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(path)
+    assert tok.vocab_size == 6400 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "你好"}], add_generation_prompt=True
+    )
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_id and tok.eos_id in ids and tok.decode(ids) == text

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from ..events import Event, EventFollower, _step_info
+from ..events import SILENCE, Event, EventFollower, _step_info
 from . import control
 
 Listener = Callable[[Event], None]
@@ -40,8 +41,6 @@ APPEAR_TIMEOUT = 120.0  # seconds to wait for a just-started job to create its r
 def appeared(store: Any, name: str, timeout: float = APPEAR_TIMEOUT) -> Any:
     """The run `name` of `store`, waiting while a detached or queued job that creates it is
     starting; a StoreError if there is none, a ValueError saying why the job ended first."""
-    import time
-
     from ..launch import tail_lines
     from ..store import StoreError
     from . import detach
@@ -151,6 +150,7 @@ class Attachment:
         self.live = False  # a session is in progress (its process runs)
         self.ended = threading.Event()  # set when following stopped on its own
         self._process: Any = None
+        self._heard = time.monotonic()  # when the stream last said something
         self._stopped = True  # the current session has said how it ended
 
     def __repr__(self) -> str:
@@ -160,6 +160,15 @@ class Attachment:
     def replay(self) -> None:
         """Feed the current session's events (call before `start`)."""
         events = self._follower.poll()
+        if not any(e.kind in ("open", "start") for e in events):
+            # No session in the stream (a run from before streams, or one never trained since):
+            # say how it stands, from the store, so no button offers to stop it.
+            status = self.run.status()
+            if status != "training":
+                latest = self.run.latest()
+                reason = "done" if status == "finished" else "stop"
+                self._feed(Event("stop", latest.step if latest else 0, {"reason": reason}))
+            return
         opens = [i for i, e in enumerate(events) if e.kind == "open"]
         session = events[opens[-1] :] if opens else events
         start: Event | None = None
@@ -171,7 +180,7 @@ class Attachment:
                 self._feed(event)
         if self._stopped:
             return
-        if self._process is not None and not self._process.matches():
+        if self._gone():
             self._died()
         elif start is not None:
             # Live: restart the listener's rate clock at the step the session has reached.
@@ -181,9 +190,19 @@ class Attachment:
             info["epoch_step"] = int(info.get("epoch_step", 0)) + (now - start.step)
             self._feed(Event("start", now, info))
 
+    def _gone(self) -> bool:
+        """The session's writer has ended without a word (killed): checked against /proc on
+        this machine; on another, presumed after `events.SILENCE` seconds of silence."""
+        if self._process is None:
+            return False
+        if self._process.local:
+            return not self._process.matches()
+        return time.monotonic() - self._heard > SILENCE
+
     def _track(self, event: Event) -> None:
         from ..launch import ProcessRecord
 
+        self._heard = time.monotonic()
         if event.kind == "open":
             self._stopped, self.live = False, True
             with contextlib.suppress(ValueError):
@@ -217,6 +236,16 @@ class Attachment:
         self._thread.start()
         return self
 
+    def follow_here(self, timeout: float | None = None) -> bool:
+        """Follow in this thread (a terminal's `mmnb watch`: the listener prints, so no
+        background thread may call it); True if the session ended, False on `timeout`."""
+        if timeout is not None:
+            timer = threading.Timer(timeout, self._closed.set)
+            timer.daemon = True
+            timer.start()
+        self._run()
+        return not self._closed.is_set()
+
     def _run(self) -> None:
         quiet = 0
         while not self._closed.wait(self.interval):
@@ -224,7 +253,7 @@ class Attachment:
                 self._track(event)
                 if event.kind not in _OWN:
                     self._feed(event)
-            if self.live and self._process is not None and not self._process.matches():
+            if self.live and self._gone():
                 self._died()
             if not self.live:
                 quiet += 1

@@ -26,6 +26,7 @@ LAUNCH_DESTS = ("detach", "background", "status", "stop", "help")
 # Options a restart passes on to `mmnb resume` (they shape a session, not the trajectory).
 RESUME_DESTS = (
     *("store", "device", "save_every", "stop_at", "time_budget", "keep_last", "keep_every"),
+    "async_save",
     *("log_every", "on_anomaly", "spike_factor", "max_rollbacks", "rollback_lr_scale"),
     *("no_sample", "max_new_tokens", "temperature", "top_p", "sample_seed"),
 )
@@ -246,5 +247,4 @@ def job_env(job_id: int | str | None = None, recovery: str | None = None) -> dic
         env[JOB_ENV] = str(job_id)
     if recovery is not None:
         env[RECOVERY_ENV] = recovery
-    env.setdefault("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", ""))
-    return {k: v for k, v in env.items() if v}
+    return env

@@ -28,12 +28,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..launch import write_json
-
 FOLDER = "control"
 VERBS = ("stop", "checkpoint")
 _MAX_FILE = 4096
 _MAX_TAGS = 16
+
+
+def _folder(run_path: str | os.PathLike[str], create: bool) -> int | None:
+    """A descriptor of `<run>/control`, a real folder inside the run (never a symlink): the
+    store is untrusted, and requests are written, read and removed only through it."""
+    folder = Path(run_path) / FOLDER
+    if create:
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            pass
+    try:
+        return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        if create:
+            raise ValueError(f"{folder} is not a folder of the run; refused") from None
+        return None
 
 
 def send(run_path: str | os.PathLike[str], verb: str, *, tags: list[str] = ()) -> str:
@@ -41,20 +56,26 @@ def send(run_path: str | os.PathLike[str], verb: str, *, tags: list[str] = ()) -
     if verb not in VERBS:
         raise ValueError(f"unknown control command {verb!r}; use one of {', '.join(VERBS)}")
     tags = [str(t) for t in tags]
-    folder = Path(run_path) / FOLDER
-    folder.mkdir(exist_ok=True)
     request_id = f"{time.time_ns():x}-{os.getpid()}"
-    write_json(
-        folder / f"{request_id}.json",
-        {"id": request_id, "verb": verb, "tags": tags, "time": time.time(), "pid": os.getpid()},
-    )
+    data = {"id": request_id, "verb": verb, "tags": tags, "time": time.time(), "pid": os.getpid()}
+    fd = _folder(run_path, create=True)
+    try:
+        tmp, final = f".{request_id}.tmp", f"{request_id}.json"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644, dir_fd=fd)
+        try:
+            os.write(out, json.dumps(data).encode())
+        finally:
+            os.close(out)
+        os.replace(tmp, final, src_dir_fd=fd, dst_dir_fd=fd)  # whole or not at all
+    finally:
+        os.close(fd)
     return request_id
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def _read(name: str, dir_fd: int) -> dict[str, Any] | None:
     """A request, or None when the file is not one (checked, never trusted)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except OSError:
         return None
     try:
@@ -75,34 +96,42 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(data.get("time"), (int, float)):
         return None
-    return {"id": path.stem, "verb": data["verb"], "tags": tags, "time": float(data["time"])}
+    return {"id": name[: -len(".json")], "verb": data["verb"], "tags": tags,
+            "time": float(data["time"])}  # fmt: skip
 
 
 class Inbox:
     """Reads the run's control folder for a live trainer (called by the stream's thread)."""
 
     def __init__(self, run_path: str | os.PathLike[str], trainer: Any, writer: Any = None) -> None:
-        self.folder = Path(run_path) / FOLDER
+        self.run_path = Path(run_path)
         self.trainer, self.writer = trainer, writer
         self.opened = time.time()
 
     def poll(self) -> None:
-        try:
-            entries = sorted(os.scandir(self.folder), key=lambda e: e.name)
-        except OSError:
+        fd = _folder(self.run_path, create=False)
+        if fd is None:
             return
-        for entry in entries:
-            if entry.name.startswith(".") or not entry.name.endswith(".json"):
-                continue
-            path = Path(entry.path)
-            request = _read(path)
-            path.unlink(missing_ok=True)
-            if request is None:
-                self._answer(path.stem, "?", ok=False, error="not a control request")
-            elif request["time"] < self.opened:
-                self._answer(request["id"], request["verb"], ok=False, error="expired")
-            else:
-                self._apply(request)
+        try:
+            names = sorted(os.listdir(fd))
+            for name in names:
+                if name.startswith(".") or not name.endswith(".json"):
+                    continue
+                request = _read(name, fd)
+                try:
+                    os.unlink(name, dir_fd=fd)  # the entry in this folder, never a link's target
+                except OSError:
+                    pass
+                if request is None:
+                    self._answer(
+                        name[: -len(".json")], "?", ok=False, error="not a control request"
+                    )
+                elif request["time"] < self.opened:
+                    self._answer(request["id"], request["verb"], ok=False, error="expired")
+                else:
+                    self._apply(request)
+        finally:
+            os.close(fd)
 
     def _apply(self, request: dict[str, Any]) -> None:
         request_id, verb = request["id"], request["verb"]

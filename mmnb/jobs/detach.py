@@ -39,7 +39,11 @@ def find(store: Any, run: str) -> launch.Job | None:
     if not folder.is_dir() or folder.is_symlink():
         return None
     candidates = sorted(
-        (p for p in folder.iterdir() if p.name.startswith(f"{run}-") and p.is_dir()),
+        (
+            p
+            for p in folder.iterdir()
+            if p.name.startswith(f"{run}-") and p.is_dir() and not p.is_symlink()
+        ),
         key=lambda p: p.stat().st_mtime,
     )
     for path in reversed(candidates):

@@ -49,7 +49,7 @@ else:  # pragma: no cover - python 3.10
 JOB_KEYS = ("max_restarts", "stall_timeout", "restart_delay")
 # Options that shape a session, not the trajectory: changing them reuses a finished stage.
 SESSION_KEYS = (
-    *("save_every", "log_every", "keep_last", "keep_every", "no_sample"),
+    *("save_every", "log_every", "keep_last", "keep_every", "no_sample", "async_save"),
     *("max_new_tokens", "temperature", "top_p", "sample_seed", "store"),
 )
 _RESERVED = ("name", "from", "step")

@@ -162,6 +162,10 @@ class Queue:
     def _connect(self) -> sqlite3.Connection:
         if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
             raise QueueError(f"{self.path} is not a regular file; refused")
+        for suffix in ("-wal", "-shm", "-journal"):  # SQLite's side files: never elsewhere
+            side = self.path.with_name(self.path.name + suffix)
+            if side.is_symlink():
+                raise QueueError(f"{side} is a symlink; refused")
         self.folder.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
         db.row_factory = sqlite3.Row

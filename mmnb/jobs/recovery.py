@@ -207,9 +207,10 @@ def replay(
 ) -> Any:
     """Train a new run from `source`'s config and its recorded recoveries; with the same
     hardware, torch and thread count it ends bitwise equal to `source`."""
+    import torch
+
     from .. import api
     from ..config import config_from_dict, config_to_dict
-    from ..data import build_dataset
     from ..tokenizer import Tokenizer
     from ..train import Trainer
 
@@ -227,15 +228,20 @@ def replay(
     config = config_to_dict(model_cfg, train_cfg)
     name = name or store.new_name(f"{src.name}-replay")
     if parent is None:
-        dataset = build_dataset(
-            train_cfg.data, Tokenizer.from_json(tokenizer_json), train_cfg.max_seq_len
-        )
+        dataset = api._dataset(train_cfg, Tokenizer.from_json(tokenizer_json), lambda info: None)
         trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
-        handle = store.create_run(name, config, tokenizer_json)
+        if train_cfg.init_from:  # imported weights: they are the source's own step 0
+            start = src.load(0, groups=("model",))["model"]
+            with torch.no_grad():
+                for key, tensor in trainer.model.state_dict().items():
+                    tensor.copy_(start[key])
+        handle = store.create_run(name, config, tokenizer_json, lineage=info.get("lineage") or None)
     else:
         stage = info.get("stage")
         state = store.run(parent[0]).load(parent[1])
-        trainer = api._restore(state, model_cfg, train_cfg, tokenizer_json, device, stage)
+        trainer = api._restore(
+            state, model_cfg, train_cfg, tokenizer_json, device, stage, store.run(parent[0])
+        )
         handle = store.create_run(name, config, tokenizer_json, parent=parent, stage=stage)
     handle.open_writer()
     stream = None
@@ -244,6 +250,8 @@ def replay(
         stream = api._attach(handle, trainer, listeners)
         if parent is None:
             trainer.checkpoint(["start"])
+            if trainer.lora or train_cfg.objective == "dpo":  # step 0 is its base / reference
+                api._start_frozen(trainer, store, handle)
     except BaseException as err:
         if stream is not None:
             stream.close(err)

@@ -20,10 +20,17 @@ import time
 from typing import Any
 
 from ..events import EventWriter
+from ..launch import EXIT_FILE_ENV
 from .control import Inbox
 
 JOB_ENV = "MMNB_JOB"  # the queue job a process runs for (set by the worker)
 RECOVERY_ENV = "MMNB_RECOVERY"  # why the worker (re)started it, as JSON
+
+
+def _logs() -> str | None:
+    """The log folder of this process when mmnb.launch started it (stdout.log, stderr.log)."""
+    exit_file = os.environ.get(EXIT_FILE_ENV)
+    return os.path.dirname(exit_file) if exit_file else None
 
 
 def open_session(run: Any, trainer: Any) -> EventWriter:
@@ -31,7 +38,7 @@ def open_session(run: Any, trainer: Any) -> EventWriter:
     writer = EventWriter(
         run.path,
         progress=lambda: (trainer.step, trainer.plan.end),
-        meta={"run": run.name, "job": os.environ.get(JOB_ENV)},
+        meta={"run": run.name, "job": os.environ.get(JOB_ENV), "logs": _logs()},
     )
     writer.poll = Inbox(run.path, trainer, writer).poll  # polled from now on, answers to it
     trainer.listeners.append(writer)

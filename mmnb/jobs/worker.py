@@ -17,7 +17,8 @@ How an attempt ends decides what follows (`_outcome`):
 - anything else (a crash, OOM, a signal, a status nobody saw) and a stalled job (no progress in
   its event stream for `stall_timeout` seconds — a new step, a checkpoint; the heartbeat of a
   stuck loop repeats its step and does not count — killed with SIGKILL, even if SIGSTOPped;
-  until its first record an attempt gets `STARTUP_GRACE` at least, for imports and data) is
+  until its first record, output to its logs — data preparation's progress bar — counts, and it
+  gets `STARTUP_GRACE` at least) is
   restarted from the newest checkpoint after `restart_delay * 2**k` seconds (capped at 5 min),
   up to `max_restarts` times; each restart is announced in the run's event stream (a `recover`
   event and a notice) through `$MMNB_RECOVERY`.
@@ -41,7 +42,7 @@ from typing import Any
 from .. import launch
 from ..events import EventFollower, progress
 from . import commands, control
-from .queue import ENDED, Queue, QueuedJob, QueueError, ensure_private, jobs_folder
+from .queue import Queue, QueuedJob, QueueError, ensure_private, jobs_folder
 
 LOCK = "worker.lock"
 MAX_BACKOFF = 300.0
@@ -113,6 +114,7 @@ class _Active:
     cancel_sent: float | None = None
     stalled: bool = False
     opened: bool = False  # the attempt's process has written to its stream
+    output: int = 0  # bytes of its stdout and stderr logs: growth before `opened` is progress
 
 
 class Worker:
@@ -248,6 +250,12 @@ class Worker:
     def _watch(self, active: _Active) -> None:
         job = active.job
         self._follow(active)
+        if not active.opened:
+            # Before its first stream record (imports, tokenizing a big dataset, whose progress
+            # bar goes to stderr) a job shows it is alive by writing to its logs.
+            size = sum(_size(active.process.logs, name) for name in (launch.STDOUT, launch.STDERR))
+            if size > active.output:
+                active.output, active.last_progress = size, time.monotonic()
         code = active.process.poll()
         if code is None:
             fresh = self.queue.get(job.id)
@@ -373,6 +381,8 @@ class Worker:
             self._watch(active)
 
 
-def queue_summary(job: QueuedJob) -> str:
-    state = job.state if job.state not in ENDED else f"{job.state} ({job.note})"
-    return f"job {job.id} [{state}]: {job.command.text()}"
+def _size(folder: Path | None, name: str) -> int:
+    try:
+        return os.stat(folder / name).st_size if folder is not None else 0
+    except OSError:
+        return 0

@@ -43,7 +43,10 @@ FORMAT_VERSION = 1
 RUN_FILE = "run.h5"
 CKPT_DIR = "ckpt"
 _CKPT_NAME = re.compile(r"^(\d{8})\.h5$")
-STATE_GROUPS = ("model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics")
+# "frozen": references to frozen weights a LoRA or DPO stage uses (mmnb.frozen), never copies.
+STATE_GROUPS = (
+    "model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics", "frozen",
+)  # fmt: skip
 
 
 @dataclass

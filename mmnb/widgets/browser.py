@@ -431,6 +431,7 @@ class Browser:
         """Close every widget and drop cached models (background training keeps running)."""
         for dash in self._dashboards:
             dash.close()
+        self.queue.close()
         close_tree(self.view)
         self.sampler.models.clear()
         self.plot.figure.clear()
