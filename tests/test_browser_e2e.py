@@ -369,6 +369,8 @@ def test_a_session_in_jupyterlab(server, page, tmp_path):
         if dashboard.locator(".jupyter-matplotlib").count():
             assert dashboard.locator(".jupyter-matplotlib-toolbar button").count() >= 4
         assert_labels_fully_visible(page, ".mmnb-dashboard")
+        # past step 50, however slow the machine: the slider and the branch below use step 50
+        _wait_text(line, r"step [1-9]\d{2,}/100000")
         dashboard.get_by_role("button", name="Stop").click()
         _done(page, 1)
         final = _wait_text(line, r"stopped at step (\d+) \(Stop\).*saved step (\d+)")
