@@ -167,52 +167,48 @@ def flops_per_step(cfg: ModelConfig, batch: int, seq: int) -> float:
     return 3 * tokens * (2 * linear + attention)
 
 
-def gemm_ceiling(cfg: ModelConfig, tokens: int, rounds: int) -> dict[str, list[float]]:
-    """FLOP/s of the model's own GEMM shapes (M = tokens per step), fp32 and bf16 alternated;
-    per dtype the best shape's per-round rates (the ceiling a training step could reach)."""
-    d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = [(d, d), (d, i), (i, d), (d, v)]
-    operands = {
-        (dt, kn): (torch.randn(tokens, kn[0], dtype=dt), torch.randn(kn[0], kn[1], dtype=dt))
-        for dt in (torch.float32, torch.bfloat16)
-        for kn in shapes
-    }
+class Gemm:
+    """The GEMM ceiling: the best of the model's own matmul shapes (M = tokens per step) in one
+    dtype, picked once, then timed inside every round like the training loops, so each round's
+    MFU divides by a ceiling measured under that round's conditions."""
 
-    def timed(dt: torch.dtype, kn: tuple[int, int]):
-        a, b = operands[(dt, kn)]
-        a @ b  # warm
+    def __init__(self, cfg: ModelConfig, tokens: int, dtype: torch.dtype) -> None:
+        d, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+        shapes = [(d, d), (d, i), (i, d), (d, v)]
+        pairs = {
+            kn: (torch.randn(tokens, kn[0], dtype=dtype), torch.randn(kn[0], kn[1], dtype=dtype))
+            for kn in shapes
+        }
+        rates = {kn: max(self._rate(*pairs[kn]) for _ in range(3)) for kn in shapes}
+        self.shape = max(shapes, key=rates.get)
+        self.a, self.b = pairs[self.shape]
+        self.flops = 2 * tokens * self.shape[0] * self.shape[1]
+        self.reps = max(1, int(2e9 / self.flops))  # ~2 GFLOP per call
 
-        def call() -> float:
-            reps = max(1, int(2e9 / (2 * tokens * kn[0] * kn[1])))  # ~2 GFLOP per call
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                a @ b
-            return (time.perf_counter() - t0) / reps
+    @staticmethod
+    def _rate(a: torch.Tensor, b: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        a @ b
+        return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0)
 
-        return call
+    def run(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.reps):
+            self.a @ self.b
+        return time.perf_counter() - t0
 
-    methods = {f"{dt}|{kn}": timed(dt, kn) for dt, kn in operands}
-    times = benchlib.alternate(methods, rounds)
-    best: dict[str, list[float]] = {}
-    for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        rates = {kn: [2 * tokens * kn[0] * kn[1] / t for t in times[f"{dt}|{kn}"]] for kn in shapes}
-        top = max(shapes, key=lambda kn: benchlib.median(rates[kn]))
-        best[name] = rates[top]
-        print(
-            f"  GEMM ceiling {name}: {benchlib.spread([r / 1e9 for r in rates[top]], '{:.1f}')} "
-            f"GFLOP/s  ({tokens}x{top[0]} @ {top[0]}x{top[1]}, best of the model's shapes)"
-        )
-    return best
+    def rates(self, seconds: list[float]) -> list[float]:
+        return [self.reps * self.flops / s for s in seconds]
 
 
 # ---- main -----------------------------------------------------------------------------------
 
 
-def measure(args, threads: int, minimind, dataset, batches, model_cfg) -> None:
+def measure(args, threads: int, minimind, dataset, batches, model_cfg) -> dict[str, float]:
+    """Alternated rounds at `threads`; returns {loop: median tokens/s} (and prints the table)."""
     torch.set_num_threads(threads)
     b, t = args.batch_size, args.seq_len
     print(f"\n## {threads} thread(s)")
-    ceiling = gemm_ceiling(model_cfg, b * t, args.rounds)
     loops: dict[str, object] = {}
     if minimind is not None:
         loops["MiniMind"] = MiniMindLoop(minimind, batches, lr=5e-4)
@@ -233,17 +229,28 @@ def measure(args, threads: int, minimind, dataset, batches, model_cfg) -> None:
             args.warmup, ", ".join(f"{n} {s:.1f}s" for n, s in warm.items())
         )
     )
+    gemms = {name: Gemm(model_cfg, b * t, dt) for name, dt in
+             (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
     k = args.steps
-    times = benchlib.alternate(
-        {n: (lambda lp=lp: lp.run(k)) for n, lp in loops.items()}, args.rounds
-    )
+    methods = {n: (lambda lp=lp: lp.run(k)) for n, lp in loops.items()}
+    methods |= {f"GEMM {n}": g.run for n, g in gemms.items()}
+    times = benchlib.alternate(methods, args.rounds)
+    ceiling = {n: g.rates(times.pop(f"GEMM {n}")) for n, g in gemms.items()}
+    for name, g in gemms.items():
+        print(
+            f"  GEMM ceiling {name}: {benchlib.spread([r / 1e9 for r in ceiling[name]], '{:.1f}')}"
+            f" GFLOP/s ({b * t}x{g.shape[0]} @ {g.shape[0]}x{g.shape[1]}, the best of the "
+            "model's shapes, timed in the same rounds)"
+        )
     flops = flops_per_step(model_cfg, b, t)
     print(f"\n  {b}x{t} tokens per step, {flops / 1e9:.1f} GFLOP per step, {k} steps per call")
-    print("  | loop | tokens/s median (range) | x MiniMind (paired) | MFU |")
+    print("  | loop | tokens/s median (range) | x MiniMind (paired) | MFU (paired) |")
     print("  |---|---|---|---|")
+    medians = {}
     for name, secs in times.items():
         per_step = [s / k for s in secs]
         tps = [b * t / s for s in per_step]
+        medians[name] = benchlib.median(tps)
         dtype = "bf16" if "bf16" in name else "fp32"
         mfu = [flops / s / c for s, c in zip(per_step, ceiling[dtype], strict=True)]
         vs = "-"
@@ -253,6 +260,7 @@ def measure(args, threads: int, minimind, dataset, batches, model_cfg) -> None:
             f"  | {name} | {benchlib.spread(tps, '{:,.0f}')} | {vs} | "
             f"{benchlib.spread([100 * m for m in mfu], '{:.0f}%')} of {dtype} GEMM |"
         )
+    return medians
 
 
 def main() -> None:
@@ -297,8 +305,22 @@ def main() -> None:
         f"qk-norm {model_cfg.qk_norm}; data: bundled corpus, {len(dataset)} samples of "
         f"{args.seq_len}; batch {b}x{args.seq_len}; {args.rounds} rounds"
     )
+    results = {}
     for threads in (int(x) for x in args.threads.split(",")):
-        measure(args, threads, minimind, dataset, batches, model_cfg)
+        results[threads] = measure(args, threads, minimind, dataset, batches, model_cfg)
+    best = max(
+        (
+            (th, name, tps)
+            for th, r in results.items()
+            for name, tps in r.items()
+            if name != "MiniMind"
+        ),
+        key=lambda x: x[2],
+    )
+    line = f"\nfastest mmnb loop: {best[1]} at {best[0]} thread(s), {best[2]:,.0f} tokens/s"
+    if "MiniMind" in results[best[0]]:
+        line += f" = {best[2] / results[best[0]]['MiniMind']:.2f}x MiniMind at that thread count"
+    print(line + " (medians; the paired ratios above are the figures to quote)")
     benchlib.footer()
     print(f"peak resident memory of this process: {benchlib.peak_rss_mib():,.0f} MiB")
 
