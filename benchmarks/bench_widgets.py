@@ -3,10 +3,12 @@
     python benchmarks/bench_widgets.py            # tiny preset + 1,000-checkpoint run
     python benchmarks/bench_widgets.py --quick    # fewer steps, 200 checkpoints
 
-1. Training with a `Dashboard` listener vs without, side by side in one process, alternating
-   blocks so machine drift hits both; an event every step (log_every=1), the worst case.
+1. Training with a `Dashboard` listener vs without, side by side in one process, the two
+   alternating within each round (`benchlib.alternate`), the ratio paired per round, median
+   and range over >= 5 rounds; an event every step (log_every=1), the worst case.
    Target: ratio <= 1.03. Printed for the tiny preset and for a micro model whose 1–2 ms
-   steps expose the per-event cost.
+   steps expose the per-event cost, with the PNG plot and (when ipympl is installed) with
+   ipympl's canvas as a connected front-end gets it (frames sent as changed pixels).
 2. A slider move in the history browser on a run of 1,000 checkpoints (built by training a
    micro model with save_every=1): the time from setting the slider to the plot PNG and
    metadata being replaced, sample generation aside. Target: < 200 ms.
@@ -28,12 +30,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-import benchlib  # noqa: E402
 import mmnb  # noqa: E402
+from benchlib import MIN_ROUNDS, alternate, footer, header, median, ratios, spread  # noqa: E402
 from mmnb.config import resolve  # noqa: E402
 from mmnb.data import build_dataset, tokenizer_for  # noqa: E402
 from mmnb.train import Trainer  # noqa: E402
-from mmnb.widgets import Browser, Dashboard  # noqa: E402
+from mmnb.widgets import Browser, Dashboard, interactive  # noqa: E402
 
 MICRO = dict(
     hidden_size=32,
@@ -47,6 +49,14 @@ MICRO = dict(
 )
 
 
+def _dashboard(interactive: bool, **kwargs) -> Dashboard:
+    dash = Dashboard(interactive=interactive, **kwargs)
+    if dash.plot.interactive:
+        # As with a front-end connected: frames go out as messages, not as a data URL too.
+        dash.plot.widget.syncing_data_url = False
+    return dash
+
+
 def _fit_seconds(setup, steps: int, dashboard: Dashboard | None) -> float:
     model_cfg, train_cfg, dataset = setup
     trainer = Trainer(model_cfg, dataclasses.replace(train_cfg, max_steps=steps), dataset)
@@ -57,34 +67,30 @@ def _fit_seconds(setup, steps: int, dashboard: Dashboard | None) -> float:
     return time.perf_counter() - t0
 
 
-def overhead(label: str, options: dict, steps: int, rounds: int) -> None:
+def overhead(label: str, options: dict, steps: int, rounds: int, interactive: bool) -> None:
     model_cfg, train_cfg = resolve("tiny", log_every=1, epochs=100, **options)
     tokenizer = tokenizer_for(None, model_cfg.vocab_size)
     setup = (model_cfg, train_cfg, build_dataset(None, tokenizer, train_cfg.max_seq_len))
     # Warm-up of both: allocator, kernels, and matplotlib's one-time font set-up (paid once
     # per kernel, by the first dashboard).
     _fit_seconds(setup, max(steps // 10, 5), None)
-    _fit_seconds(setup, max(steps // 10, 5), Dashboard(plot_interval=0))
-    bare, shown, dashboards = [], [], []
-    for i in range(rounds):
-        # ABBA: each order equally often, so a drift in machine speed cancels out.
-        order = (False, True) if i % 2 == 0 else (True, False)
-        for with_dash in order:
-            if with_dash:
-                dash = Dashboard()  # built outside the timed region, as in a notebook cell
-                shown.append(_fit_seconds(setup, steps, dash))
-                dashboards.append(dash)
-            else:
-                bare.append(_fit_seconds(setup, steps, None))
-    ratio = benchlib.spread(benchlib.ratios(shown, bare))
+    _fit_seconds(setup, max(steps // 10, 5), _dashboard(interactive, plot_interval=0))
+    dashboards: list[Dashboard] = []
+
+    def shown() -> float:
+        dashboards.append(_dashboard(interactive))  # built untimed, as in a notebook cell
+        return _fit_seconds(setup, steps, dashboards[-1])
+
+    times = alternate({"bare": lambda: _fit_seconds(setup, steps, None), "shown": shown}, rounds)
     dash = dashboards[-1]
+    plot = "ipympl canvas" if dash.plot.interactive else "PNG plot"
     print(
-        f"{label}: {steps} steps x {rounds} rounds, an event per step\n"
-        f"  without dashboard {benchlib.spread(bare)}s  with {benchlib.spread(shown)}s"
-        f"  (median (range) per round; {steps / statistics.median(bare):.0f} steps/s)\n"
-        f"  ratio {ratio} median (range) of pairs (target <= 1.03); last run drew text "
-        f"{dash.draws['text']}x, "
-        f"plot {dash.draws['plot']}x ({dash.plot.full_draws} full draws)"
+        f"{label}, {plot}: {steps} steps, {rounds} rounds, an event per step\n"
+        f"  seconds without dashboard {spread(times['bare'])}, with {spread(times['shown'])}"
+        f" ({steps / median(times['bare']):.0f} steps/s)\n"
+        f"  with / without {spread(ratios(times['shown'], times['bare']))} (target <= 1.03); "
+        f"last run drew text {dash.draws['text']}x, plot {dash.draws['plot']}x "
+        f"({dash.plot.full_draws} full draws)"
     )
 
 
@@ -132,21 +138,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    benchlib.header(
-        "widget costs",
+    rounds = MIN_ROUNDS if args.quick else 7
+    header(
+        "bench_widgets: the dashboard's cost on training, the browser's slider",
         [
-            "training with / without the dashboard <= 1.03",
+            "training with / without a Dashboard <= 1.03",
             "slider move on 1,000 checkpoints < 200 ms",
         ],
     )
-    overhead("tiny preset", {}, 60 if args.quick else 150, 6 if args.quick else 8)
-    overhead("micro model", MICRO, 300 if args.quick else 1500, 6 if args.quick else 8)
+    kinds = [False] + ([True] if interactive.available() else [])
+    for canvas in kinds:
+        overhead("tiny preset", {}, 40 if args.quick else 150, rounds, canvas)
+        overhead("micro model", MICRO, 200 if args.quick else 1500, rounds, canvas)
     folder = Path(tempfile.mkdtemp(prefix="mmnb-bench-", dir=os.environ.get("BENCH_DIR")))
     try:
         slider(folder, 200 if args.quick else 1000)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    benchlib.footer()
+    footer()
 
 
 if __name__ == "__main__":

@@ -205,8 +205,8 @@ def _train(
             config_to_dict(model_cfg, train_cfg),
             tokenizer_json,
             lineage={"init_from": source.lineage} if source is not None else None,
+            writer=True,  # locked from its first moment: nobody sees it empty and unlocked
         )
-        handle.open_writer()
         made["run"] = handle
         return handle.name
 
@@ -225,7 +225,7 @@ def _train(
     except BaseException as err:
         if stream is not None:
             stream.close(err)
-        handle.close_writer()
+        handle.discard()  # nothing was committed (a full disk, Ctrl-C): the name stays free
         raise
     return _launch(handle, trainer, start, background, stream)
 
@@ -313,7 +313,7 @@ def _resume(
 ) -> Run:
     made: dict[str, Run] = {}
 
-    def prepare() -> str:
+    def prepare() -> tuple[str, bool]:
         check_store(store.path, write=False)
         handle = store.run(run) if run is not None else store.newest()
         for key in options:
@@ -341,9 +341,12 @@ def _resume(
         made["run"] = handle
         if step is not None:
             handle.step_info(step)
-        return handle.name
+        info = handle.info()
+        # Its creator died before step 0 was committed: it starts from its config.
+        unstarted = step is None and not info.get("parent") and not handle.steps()
+        return handle.name, unstarted
 
-    run_name = par.decide(prepare)
+    run_name, unstarted = par.decide(prepare)
     handle = made.get("run") or Run(store, run_name)
     model_cfg, train_cfg = config_from_dict(handle.config_dict())
     train_cfg = dataclasses.replace(train_cfg, **{**_ONE_SESSION, **options})
@@ -352,15 +355,29 @@ def _resume(
         stage = info.get("stage") if info.get("parent") else None
         listeners = list(listeners)
         tokenizer_json = handle.tokenizer_json()
-        trainer = _restore(
-            handle, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners
-        )
+        if unstarted:
+            trainer = _fresh(model_cfg, train_cfg, tokenizer_json, par, listeners)
+        else:
+            trainer, corrupt = _restore(
+                handle, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners
+            )
+            # A newer checkpoint that is corrupt is recomputed (the trajectory is a pure
+            # function of config, seed and data) and replaced when training passes it.
+            trainer.repair_steps.update(corrupt)
         _same_everywhere(par, lambda: check_stop_at(train_cfg.stop_at, trainer.step))
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         stream = _attach(handle, trainer, listeners)
+        if unstarted:
+            try:
+                trainer.checkpoint(["start"])
+            except BaseException as err:
+                if stream is not None:
+                    stream.close(err)
+                handle.close_writer()
+                raise
         if trainer.finished:
             trainer.emit(
                 "notice",
@@ -560,7 +577,7 @@ def _branch(
     stage = {"start": step, "reset_data": new_stage}
     # Everything that can fail on user input happens before the store is touched.
     listeners = list(listeners)
-    trainer = _restore(parent, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners)
+    trainer, _ = _restore(parent, step, model_cfg, train_cfg, tokenizer_json, par, stage, listeners)
     made: dict[str, Run] = {}
 
     def create() -> str:
@@ -570,8 +587,8 @@ def _branch(
             tokenizer_json,
             parent=(parent.name, step),
             stage=stage,
+            writer=True,
         )
-        handle.open_writer()
         made["run"] = handle
         return handle.name
 
@@ -590,8 +607,9 @@ def _restore(
     par: Parallel,
     branch_stage: dict[str, Any] | None = None,
     listeners: Iterable[Listener] = (),
-) -> Trainer:
-    """A Trainer holding the state of `source`'s checkpoint `step` (newest readable if None).
+) -> tuple[Trainer, list[int]]:
+    """A Trainer holding the state of `source`'s checkpoint `step` (newest readable if None),
+    and the newer steps skipped as corrupt.
 
     At a branch point (`branch_stage` given) the inherited checkpoint holds the parent's plan
     and data position; the branch's own follow from its config, deterministically. LoRA and
@@ -599,27 +617,26 @@ def _restore(
     the same checkpoint and reads only what it holds (`_load_agreed`)."""
     from . import stages
 
-    tokenizer = Tokenizer.from_json(tokenizer_json)
-    prep = _preparation(listeners if par.is_main else ())
-    built: dict[str, Any] = {}
-
-    def first() -> None:  # rank 0 tokenises (or finds the cache) first, then the others
-        built["dataset"] = _dataset(train_cfg, tokenizer, prep)
-
-    par.decide(first)
-    dataset = built.get("dataset") or _dataset(train_cfg, tokenizer, _preparation(()))
-    trainer = Trainer(model_cfg, train_cfg, dataset, parallel=par)
+    trainer = _fresh(model_cfg, train_cfg, tokenizer_json, par, listeners)
     target = step if step is not None else par.decide(lambda: _newest_step(source))
     owner = source.store.run(source.step_info(target).run)  # who wrote it: a branch inherits
     _, old = config_from_dict(owner.config_dict())
     staged = any(c.lora_rank or c.objective == "dpo" for c in (old, train_cfg))
     if par.distributed and not staged:
-        state = _load_agreed(source, step, trainer, par)  # the rows this rank holds
+        # the rows this rank holds, of the newest checkpoint every rank could read
+        state, corrupt = _load_agreed(source, step, trainer, par)
     else:
-        state = source.load(step)  # newest readable (a corrupt one is skipped, with a warning)
+        if step is None:
+            state, corrupt = source.load_newest()  # a corrupt one is skipped, with a warning
+        else:
+            state, corrupt = source.load(step), []
         at = int(state["trainer"]["step"])
         at_branch = branch_stage is not None and at == branch_stage["start"]
-        stages.load(trainer, state, source.store, owner, old, at_branch)
+        try:
+            stages.load(trainer, state, source.store, owner, old, at_branch)
+        except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+            # The store checked every value it read; this is the last line of defence.
+            raise StoreError(f"run {owner.name!r} step {at} cannot be restored ({err})") from None
     if branch_stage is not None and trainer.step == branch_stage["start"]:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
@@ -627,7 +644,7 @@ def _restore(
         else:
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
-    elif state["data"]["fingerprint"] != dataset.fingerprint:
+    elif state["data"]["fingerprint"] != trainer.dataset.fingerprint:
         _same_everywhere(
             par,
             lambda: _raise(
@@ -637,7 +654,7 @@ def _restore(
                 )
             ),
         )
-    return trainer
+    return trainer, corrupt
 
 
 def _newest_step(run: Run) -> int:
@@ -645,6 +662,26 @@ def _newest_step(run: Run) -> int:
     if latest is None:
         raise StoreError(f"run {run.name!r} has no checkpoint")
     return latest.step
+
+
+def _fresh(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer_json: str,
+    par: Parallel,
+    listeners: Iterable[Listener] = (),
+) -> Trainer:
+    """A Trainer at step 0 of the config, on the data with the run's tokenizer."""
+    tokenizer = Tokenizer.from_json(tokenizer_json)
+    prep = _preparation(listeners if par.is_main else ())
+    built: dict[str, Any] = {}
+
+    def first() -> None:  # rank 0 tokenises (or finds the cache) first, then the others
+        built["dataset"] = _dataset(train_cfg, tokenizer, prep)
+
+    par.decide(first)
+    dataset = built.get("dataset") or _dataset(train_cfg, tokenizer, _preparation(()))
+    return Trainer(model_cfg, train_cfg, dataset, parallel=par)
 
 
 def _dataset(
@@ -679,10 +716,14 @@ def _preparation(listeners: Iterable[Listener]) -> Callable[[dict[str, Any]], No
     return emit
 
 
-def _load_agreed(source: Run, step: int | None, trainer: Trainer, par: Parallel) -> dict:
+def _load_agreed(
+    source: Run, step: int | None, trainer: Trainer, par: Parallel
+) -> tuple[dict, list[int]]:
     """Every rank loads the same checkpoint, reading only what it holds; the newest one every
-    rank could read (a corrupt shard seen by any rank makes all fall back to an older one)."""
+    rank could read (a corrupt shard seen by any rank makes all fall back to an older one).
+    Returns the state and the newer steps skipped as corrupt."""
     steps = [step] if step is not None else par.decide(lambda: [s.step for s in source.steps()])
+    skipped: list[int] = []
     for candidate in reversed(steps):
         error: StoreError | None = None
         try:
@@ -691,13 +732,14 @@ def _load_agreed(source: Run, step: int | None, trainer: Trainer, par: Parallel)
         except CorruptCheckpoint as err:
             error = err
         if not par.any(error is not None):
-            return state
+            return state, skipped
         if step is not None:
             raise error or StoreError(
                 f"checkpoint {candidate} of run {source.name!r} is corrupt (seen by another rank)"
             )
         if error is not None:
             warnings.warn(f"{error}; trying an older checkpoint", stacklevel=2)
+        skipped.append(candidate)
     raise StoreError(f"run {source.name!r} has no readable checkpoint")
 
 
@@ -782,15 +824,18 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Eve
         trainer.on_batch = sample_logger(Path(log), par.rank)
     cfg = trainer.config
 
+    def notify(text: str) -> None:  # saving may run on a background thread: no printing
+        trainer.emit("notice", text=text)
+
     def write(state: dict[str, Any], reasons: list[str], tags: list[str]) -> Any:
         if par.distributed:
-            info = commit_sharded(handle, state, reasons, tags, par)
+            info = commit_sharded(handle, state, reasons, tags, par, notify)
         else:
-            info = handle.commit(state, reasons, tags)
+            info = handle.commit(state, reasons, tags, notify=notify)
         if par.is_main:
             plan = trainer.plan
             protect = {s for s in (plan.decay_start, plan.start) if s is not None}
-            handle.prune(cfg.keep_last, cfg.keep_every, protect)
+            handle.prune(cfg.keep_last, cfg.keep_every, protect, notify=notify)
         return info
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:

@@ -22,6 +22,7 @@ from typing import Any
 
 from IPython.display import display
 
+from .describe import state_text
 from .progress import metric_parts, prepare_text
 from .store import StepInfo
 from .train import Event
@@ -53,7 +54,7 @@ class Snapshot:
         parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.saved is not None:
             parts.append(f"saved step {self.saved.step}")
-        parts.append(self.state)
+        parts.append(state_text(self.state, self.step))  # "stopped at step 39 as asked"
         return " · ".join(parts)
 
 

@@ -181,7 +181,7 @@ def run_group(
         raise
     finally:
         if attachment is not None:
-            attachment.ended.wait(2.0)  # the last events (stop, close) reach the display
+            attachment.ended.wait(10.0)  # the last events (stop, close) reach the display
             attachment.close()
     if interrupted:
         raise KeyboardInterrupt

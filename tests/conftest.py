@@ -35,6 +35,17 @@ MICRO = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread_count():
+    # In-process runs are compared bitwise with runs of CLI subprocesses, which take their thread
+    # count from OMP_NUM_THREADS: a test module that changes this process's count (once, at
+    # import) makes compiled reductions split differently and those comparisons fail far away.
+    want = int(os.environ["OMP_NUM_THREADS"])
+    assert torch.get_num_threads() == want, f"torch threads {torch.get_num_threads()} != {want}"
+    yield
+    torch.set_num_threads(want)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     # Tokenised data and trained tokenizers are shared by the whole session (and its

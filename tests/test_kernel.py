@@ -124,14 +124,21 @@ def test_interrupt_restart_resume_equals_an_uninterrupted_run(tmp_path, micro):
         shown = ANSI.sub("", "\n".join(errors[0]["traceback"])).splitlines()
         assert 1 + len(shown) <= 15, shown
         assert "train.py" not in "\n".join(shown) and "%train" not in shown[-1]
-        # ONE display for the whole training: the dashboard widget, updated through its comm,
-        # and at the end given the final state as its static fallback (a saved notebook).
+        # ONE dashboard for the whole training: the widget, updated through its comm, and its
+        # static twin, filled at the end with the final state (for nbconvert and saved
+        # notebooks; hidden where the widget renders; its text is the final line).
         displays = [m for m in messages if "display" in m["msg_type"]]
-        assert [m["msg_type"] for m in displays] == ["display_data", "update_display_data"]
+        assert [m["msg_type"] for m in displays] == ["display_data"] * 2 + [
+            "update_display_data"
+        ] * 2
+        widget, twin = (m["content"]["transient"]["display_id"] for m in displays[:2])
         assert "application/vnd.jupyter.widget-view+json" in displays[0]["content"]["data"]
-        final = displays[-1]["content"]["data"]
-        assert f"saved step {latest.step}" in final["text/plain"]
-        assert "interrupted" in final["text/plain"] and "<img" in final["text/html"]
+        final = {m["content"]["transient"]["display_id"]: m["content"]["data"] for m in displays}
+        assert final[widget]["text/plain"] == ""  # the line once, in the twin
+        assert f"saved step {latest.step}" in final[twin]["text/plain"]
+        assert "interrupted" in final[twin]["text/plain"]
+        assert "interrupted" in final[twin]["text/html"] and "<img" in final[twin]["text/html"]
+        assert "mmnb-live-" in final[twin]["text/html"]  # the rule that hides it by the widget
 
         km.restart_kernel(now=False)
         kc.wait_for_ready(timeout=TIMEOUT)
@@ -176,9 +183,10 @@ def test_background_training_in_a_kernel_equals_blocking(tmp_path, micro, thread
         assert value(reply, "name") == "'quiet'"
         assert out.startswith("background run quiet ended: run quiet · step 300/300")
         _, out, messages = execute(kc, f"%train bg --background {options}")
-        # The thread draws nothing itself: one dashboard widget, whose traits it updates.
+        # The thread draws nothing itself: one dashboard widget, whose traits it updates (and
+        # its static twin, empty until the run has ended).
         displays = [m for m in messages if "display" in m["msg_type"]]
-        assert [m["msg_type"] for m in displays] == ["display_data"]
+        assert [m["msg_type"] for m in displays] == ["display_data", "display_data"]
         assert "application/vnd.jupyter.widget-view+json" in displays[0]["content"]["data"]
         assert out.startswith("run bg trains in the background")
         meddled = 0
@@ -188,7 +196,7 @@ def test_background_training_in_a_kernel_equals_blocking(tmp_path, micro, thread
                 break
             meddled += 1
         _, out, _ = execute(kc, "run.wait()\n%train --status bg")
-        assert "step 300/300" in out and "· done" in out
+        assert "step 300/300" in out and "· finished at step 300" in out
     assert meddled > 0
     fg = store.run("fg").load()
     assert_same_state(store.run("quiet").load(), fg)

@@ -139,7 +139,7 @@ def test_train_is_the_api_with_one_display_updated_in_place(ip, opts, micro, tmp
     assert {o.transient["display_id"] for o in rest} == {first.transient["display_id"]}
     assert len(rest) <= 3 + elapsed / 0.25  # start and stop are drawn at once, steps throttled
     assert rest[-1].data["text/plain"].startswith("run a · step 60/60 (100%) · epoch 0 · loss ")
-    assert rest[-1].data["text/plain"].endswith("· saved step 60 · done")
+    assert rest[-1].data["text/plain"].endswith("· saved step 60 · finished at step 60")
     assert '<progress value="60" max="60"' in rest[-1].data["text/html"]
     lines = cap.stdout.splitlines()
     assert lines[0].startswith("run a: step 60, loss ") and lines[1].startswith("sample: ")
@@ -226,7 +226,7 @@ def test_background_training_is_unchanged_by_cells_run_meanwhile(ip, opts, micro
     for _ in range(2):
         said.append(cell(ip, "pass")[1].stdout)
     ended = [line for out in said for line in out.splitlines() if "background run bg" in line]
-    assert len(ended) == 1 and ended[0].endswith("· done")
+    assert len(ended) == 1 and ended[0].endswith("· finished at step 150")
     assert ended[0].startswith("background run bg ended: run bg · step 150/150")
 
 

@@ -11,8 +11,6 @@ import torch.nn.functional as F
 from mmnb.config import PRESETS, ModelConfig, resolve
 from mmnb.model import MiniMind
 
-torch.set_num_threads(2)
-
 # Tiny architectures covering each code path; all fast on 2 CPU cores.
 VARIANTS = {
     "dense": {},

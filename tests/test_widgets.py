@@ -7,15 +7,18 @@ the threads that follow them), never with sleeps.
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
+import types
 
+import ipywidgets as widgets
 import pytest
 
 import mmnb
 from mmnb.store import StepInfo
 from mmnb.train import Event, Trainer
-from mmnb.widgets import Browser, Dashboard
+from mmnb.widgets import Browser, Dashboard, interactive
 from mmnb.widgets.actions import parse_number
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -60,7 +63,7 @@ def test_dashboard_shows_events_and_a_png():
     assert dash.bar.value == dash.bar.max == 10
     assert "step 10/10" in dash.label.value and "finished at step 10" in dash.label.value
     assert "#2e7d32" in dash.label.value  # green: finished
-    assert bytes(dash.image.value).startswith(PNG)
+    assert bytes(dash.plot.widget.value).startswith(PNG)
     bundle = dash._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert bundle["text/plain"].endswith("finished at step 10")
@@ -84,9 +87,9 @@ def test_dashboard_axes_follow_the_data_and_the_plan_end_is_a_marker():
     assert len(x) == 20 and y[-1] == 1.0
     # crisp: the PNG has twice the pixels of the size it is shown at
     width, height = dash.plot.css_size
-    png = bytes(dash.image.value)
+    png = bytes(dash.plot.widget.value)
     assert int.from_bytes(png[16:20], "big") == 2 * width
-    assert dash.image.layout.width == f"{width}px"
+    assert dash.plot.widget.layout.width == f"{width}px"
     # log scale and smoothing redraw at once
     dash.scale.value = True
     assert ax.get_yscale() == "log"
@@ -172,6 +175,7 @@ def test_dashboard_stop_and_checkpoint_buttons_on_background_run(store, micro):
     assert "stop" in steps[-1].reasons  # Stop
     assert steps[-1].step < 100_000 and run.status() == "stopped"
     assert dash.state == "stop" and dash.stop_button.disabled
+    assert f"stopped at step {steps[-1].step}, saved" in dash.controls_note.value
 
 
 def test_dashboard_attach_shows_history_before_the_session(store, micro):
@@ -181,7 +185,101 @@ def test_dashboard_attach_shows_history_before_the_session(store, micro):
     dash.attach(run)
     assert dash.history["step"] == list(range(1, 41))  # 1..20 from the store, 21..40 live
     assert [s for s, _ in dash.checkpoints][:3] == [0, 10, 20]
-    assert bytes(dash.image.value).startswith(PNG)
+    assert bytes(dash.plot.widget.value).startswith(PNG)
+
+
+# ---- interactive plots (ipympl) and their static fallback ----
+def _feed(dash: Dashboard, steps: range) -> None:
+    for step in steps:
+        dash(Event("step", step, {"loss": 7 - step / 10, "lr": 1e-3, "tokens": 64 * step,
+                                  "grad_norm": 1.0}))  # fmt: skip
+
+
+def _frame(canvas) -> bytes:
+    """The last frame ipympl's canvas sent (kept as a data URL until a front-end connects)."""
+    assert canvas._data_url.startswith("data:image/png;base64,")
+    return base64.b64decode(canvas._data_url.removeprefix("data:image/png;base64,"))
+
+
+def test_interactive_dashboard_zooms_pans_and_reads_out_values():
+    pytest.importorskip("ipympl", reason="ipympl is not installed (pip install mmnb[interactive])")
+    from ipympl.backend_nbagg import Canvas
+
+    dash = Dashboard(interactive=True, plot_interval=0, budget=1.0)
+    canvas = dash.plot.widget
+    assert isinstance(canvas, Canvas) and "mmnb-plot" in canvas._dom_classes
+    assert canvas.toolbar is not None and not canvas.header_visible
+    dash(Event("start", 0, {"total": 4080, "steps_per_epoch": 408}))
+    _feed(dash, range(1, 30))
+    frame = _frame(canvas)
+    assert frame.startswith(PNG)  # the curves reached the canvas
+    # ipympl scales by the device pixel ratio itself: the figure is at CSS resolution
+    assert int.from_bytes(frame[16:20], "big") == dash.plot.css_size[0]
+    ax = dash.plot.axes["loss"]
+    x0, x1 = ax.get_xlim()
+    assert (29 - 1) / (x1 - x0) >= 0.5  # axes follow the data here too
+    # The user zooms the loss panel (a toolbar action sets limits and redraws): new data
+    # keep that view; the other panels go on following the data.
+    ax.set_xlim(5, 10)
+    canvas.draw()
+    _feed(dash, range(30, 80))
+    assert ax.get_xlim() == (5, 10)
+    assert dash.plot.axes["lr"].get_xlim()[1] >= 79
+    # Hover: the footer reads out the step and the value under the pointer.
+    middle = ax.transData.transform((7, 5.0))
+    height = canvas.get_renderer().height
+    canvas._handle_message(
+        canvas,
+        {"type": "motion_notify", "x": middle[0], "y": height - middle[1], "button": 0,
+         "buttons": 0, "modifiers": [], "guiEvent": {}},
+        [],
+    )  # fmt: skip
+    assert canvas._message.startswith("step 7 · loss 5")
+    # Home: the panel follows the data again.
+    canvas._handle_message(canvas, {"type": "toolbar_button", "name": "home"}, [])
+    assert ax.get_xlim()[1] >= 79 and not dash.plot.user_view("loss")
+    # The static fallback of a saved notebook is a 2x PNG with the curves.
+    dash(Event("stop", 79, {"reason": "done"}))
+    html = dash._repr_mimebundle_()["text/html"]
+    png = base64.b64decode(html.split("base64,")[1].split("'")[0])
+    assert int.from_bytes(png[16:20], "big") == 2 * dash.plot.css_size[0]
+    dash.close()
+
+
+def test_interactive_compare_and_the_forced_static_fallback(tree, monkeypatch):
+    pytest.importorskip("ipympl", reason="ipympl is not installed (pip install mmnb[interactive])")
+    from ipympl.backend_nbagg import Canvas
+
+    b = Browser(tree, interactive=True)
+    b.compare.select(["base", "base-b"])
+    assert isinstance(b.compare.plot.widget, Canvas)
+    assert _frame(b.compare.plot.widget).startswith(PNG)
+    assert isinstance(b.plot.widget, widgets.Image)  # the slider's plot stays an image
+    b.close()
+    # Where ipympl cannot be shown (MMNB_PLOTS=static, no kernel, Colab, VS Code) or is not
+    # installed, every plot is the crisp PNG.
+    monkeypatch.setenv("MMNB_PLOTS", "static")
+    assert isinstance(Dashboard().plot.widget, widgets.Image)
+    monkeypatch.setenv("MMNB_PLOTS", "auto")
+    assert not interactive.enabled()  # no kernel here: nothing could show a widget
+    monkeypatch.setattr(interactive, "_kernel", lambda: True)
+    assert interactive.enabled()  # a kernel and ipympl: JupyterLab, Notebook 7
+    monkeypatch.setenv("VSCODE_PID", "1")
+    assert not interactive.enabled()
+    monkeypatch.delenv("VSCODE_PID")
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    assert not interactive.enabled()
+    monkeypatch.delitem(sys.modules, "google.colab")
+    monkeypatch.setattr(interactive, "available", lambda: False)  # ipympl not installed
+    assert not interactive.enabled() and not interactive.enabled(True)
+    dash = Dashboard()
+    assert isinstance(dash.plot.widget, widgets.Image)
+    for event in _events():
+        dash(event)
+    assert bytes(dash.plot.widget.value).startswith(PNG)
+    monkeypatch.setenv("MMNB_PLOTS", "zoomy")
+    with pytest.raises(ValueError, match="MMNB_PLOTS must be one of"):
+        interactive.enabled()
 
 
 # ---- browser ----
@@ -209,20 +307,37 @@ def test_browser_tree_slider_and_metadata(tree):
     assert b.slider.value == 40 and b.meta_text().startswith("base step 40 ")
     b.slider.value = 39  # one step left: the previous one
     assert b.slider.value == 20
+    # Two quick arrow keys: the second (21 -> 22) leaves the browser before the first one's
+    # snap to 40 reaches it; it means the checkpoint after 40, not a jump back to 20.
+    b.slider.value = 21
+    assert b.slider.value == 40
+    b.slider.value = 22
+    assert b.slider.value == 48 and b.meta_text().startswith("base step 48 ")
+    b.slider.value = 47  # a later single key press left: the previous checkpoint
+    assert b.slider.value == 40
     b.slider.value = 0  # Home: step 0 has a marker and values (the first batch's loss)
     assert "(first batch, initial weights)" in b.meta.value and "—" not in b.meta.value
     x, _ = b.plot._artists["ckpts"][1].get_data()
     assert x[0] == 0
     assert "start of the run" in b.meta.value  # reasons in words
-    before = bytes(b.image.value)
+    before = bytes(b.plot.widget.value)
     b.slider.value = 20
     assert "<th style='text-align:right;padding-right:.6em'>step</th><td>20</td>" in b.meta.value
     assert "base-b" in b.meta.value  # the branches from this step
     assert b.meta_text().startswith("base step 20 · epoch 0")
-    assert bytes(b.image.value).startswith(PNG) and bytes(b.image.value) != before
+    assert bytes(b.plot.widget.value).startswith(PNG) and bytes(b.plot.widget.value) != before
     assert b.last_update_s is not None and b.last_update_s < 1.0
     assert b.actions.branch_button.description == "Branch from step 20"
     assert "base step 20" in b._repr_mimebundle_()["text/plain"]
+    # Another run, another range: a new slider (the browser's keeps its first range for
+    # Home and End), with the same behaviour.
+    first = b.slider
+    b.select("base-b")
+    assert b.slider is not first and (b.slider.min, b.slider.max) == (0, 30)
+    assert b.slider_box.children == (b.slider,) and b.slider.value == 30
+    before = b.checkpoint_steps[-2]
+    b.slider.value = 29  # one step left of 30: the previous checkpoint
+    assert b.slider.value == before and b.meta_text().startswith(f"base-b step {before} ")
     b.close()
 
 
@@ -317,7 +432,7 @@ def test_browser_sample_and_model_cache(tree):
 def test_browser_compare_aligns_branches(tree):
     b = Browser(tree)
     b.compare.select(["base", "base-b"])
-    assert bytes(b.compare.image.value).startswith(PNG)
+    assert bytes(b.compare.plot.widget.value).startswith(PNG)
     keys = b.compare.plot.keys()
     assert {"base", "base-b", "base-b/branch"} <= set(keys)
     x, _ = b.compare.plot._artists["base-b"][1].get_data()

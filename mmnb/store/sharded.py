@@ -3,31 +3,33 @@
 An FSDP2 run holds each parameter and its AdamW moments as a DTensor split by rows (dim 0)
 over the ranks. Its checkpoint of step S is still one logical checkpoint, `ckpt/<S>.h5`:
 
-    ckpt/<S>.rank<r>.h5   rank r's rows of every sharded tensor (its local shard), each with
-                          `dtype` and `xxh3` attributes; written by rank r, all ranks at once
-    ckpt/<S>.h5           written by rank 0 after every shard is on disk: the replicated state
-                          as ordinary datasets, and every sharded tensor as a *virtual dataset*
-                          of its global shape whose row blocks map to the rank files, at the same
+    ckpt/<S>.rank<r>.h5   rank r's rows of every sharded tensor (its local shard), plain
+                          contiguous datasets at the tensor's path; written by rank r, all
+                          ranks at once
+    ckpt/<S>.h5           written by rank 0 after every shard is on disk, through the store's
+                          one commit (`Run.commit`, format version 2): the replicated state as
+                          ordinary datasets, and every sharded tensor as a *virtual dataset* of
+                          its global shape whose row blocks map to the rank files, at the same
                           path as an unsharded checkpoint (`model/<name>`,
                           `optim/state/<name>/exp_avg`, ...)
 
 So plain h5py reads `f["model/model.norm.weight"][()]` whole, and a loader at any world size
-reads only the row blocks it needs. A virtual dataset's `shards` attribute pins the blocks and
-the checksum of each shard: the checkpoint file, committed last, vouches for its shards.
+reads only the row blocks it needs. The checkpoint's manifest lists each sharded tensor with
+`shards`: `[[file, first row, end row, xxh3], ...]`, the checksum of each rank's rows; the
+manifest is itself under a checksum, and the run's index holds that checksum, so the checkpoint
+file, committed last, vouches for every byte of its shards.
 
-What a virtual dataset may point at is exactly this layout and nothing else: sources named
-`<S>.rank<r>.h5` in the checkpoint's own folder, for the checkpoint's own step, at the dataset's
-own path, as row blocks that tile the whole tensor. Anything else is refused on read
-(`StoreError`-compatible `ValueError`), so a crafted file cannot make a loader read outside
-the run's folder or fill a tensor with HDF5's fill value.
+A virtual dataset may draw only from shard files of its own step in its own folder
+(`own_shard`, on top of the store's confinement and structural checks in `h5guard`), and its
+pinned blocks must tile the rows: anything else is refused as a corrupt checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,10 @@ import h5py
 import numpy as np
 import torch
 
-from .h5state import ChecksumError, _checksum, numpy_to_tensor, write_tree
+from . import h5guard
+from .h5state import ChecksumError, checksum, numpy_to_tensor, tensor_to_numpy
 
 SHARD_FILE = re.compile(r"^(\d{8})\.rank(\d{1,6})\.h5$")
-_CKPT_FILE = re.compile(r"^(\d{8})\.h5$")
 
 
 class ShardLayoutError(ValueError):
@@ -117,7 +119,7 @@ def write_shard(
     final = folder / shard_file_name(step, rank)
     tmp = folder / f".{final.name}.{os.getpid()}.tmp"
     entries: list[ShardEntry] = []
-    local: dict[str, Any] = {}
+    local: dict[str, Any] = {}  # path -> this rank's rows
     first_of: dict[int, str] = {}  # id(DTensor) -> first path (tied weights are one tensor)
     for path, tensor in sharded.items():
         start, stop = _local_rows(path, tensor)
@@ -125,19 +127,16 @@ def write_shard(
             entries.append(ShardEntry(path, (), "", start, stop, "", link=first_of[id(tensor)]))
             continue
         first_of[id(tensor)] = path
-        node = local
-        *parents, leaf = path.split("/")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = tensor.to_local()
+        local[path] = tensor.to_local()
         dtype = str(tensor.dtype).removeprefix("torch.")
         entries.append(ShardEntry(path, tuple(tensor.shape), dtype, start, stop, ""))
     try:
         with h5py.File(tmp, "w", libver="latest", locking=False) as f:
-            write_tree(f, local)
             for e in entries:
                 if e.link is None:
-                    e.xxh3 = str(f[e.path].attrs["xxh3"])
+                    array = tensor_to_numpy(local[e.path])
+                    f.create_dataset(e.path, data=array)  # contiguous: what h5guard reads
+                    e.xxh3 = checksum(array)
             f.attrs["step"] = step
             f.attrs["rank"] = rank
             f.attrs["world_size"] = world_size
@@ -150,8 +149,11 @@ def write_shard(
     return entries, final.stat().st_size
 
 
-def add_virtual(f: h5py.File, step: int, entries_by_rank: list[list[ShardEntry]]) -> None:
-    """Create in checkpoint file `f` one virtual dataset per sharded tensor over the shards."""
+def add_virtual(
+    f: h5py.File, manifest: dict[str, Any], step: int, entries_by_rank: list[list[ShardEntry]]
+) -> None:
+    """Create in checkpoint file `f` one virtual dataset per sharded tensor over the shards,
+    each listed in `manifest` with its pinned blocks (`shards`) instead of one checksum."""
     blocks: dict[str, list[tuple[int, ShardEntry]]] = {}
     links: dict[str, str] = {}
     for rank, entries in enumerate(entries_by_rank):
@@ -163,8 +165,7 @@ def add_virtual(f: h5py.File, step: int, entries_by_rank: list[list[ShardEntry]]
     for path, ranks in blocks.items():
         ranks.sort(key=lambda re_: re_[1].start)
         first = ranks[0][1]
-        stored = _stored_dtype(first.dtype)
-        layout = h5py.VirtualLayout(shape=first.shape, dtype=stored)
+        layout = h5py.VirtualLayout(shape=first.shape, dtype=_stored_dtype(first.dtype))
         pinned = []
         for rank, e in ranks:
             if e.stop <= e.start:
@@ -176,13 +177,26 @@ def add_virtual(f: h5py.File, step: int, entries_by_rank: list[list[ShardEntry]]
             layout[e.start : e.stop] = source
             pinned.append([shard_file_name(step, rank), e.start, e.stop, e.xxh3])
         parent, _, leaf = path.rpartition("/")
-        group = f.require_group(parent) if parent else f
-        ds = group.create_virtual_dataset(leaf, layout)
-        ds.attrs["dtype"] = first.dtype
-        ds.attrs["shards"] = json.dumps(pinned)
+        _require_groups(f, manifest, parent)
+        ds = f[parent].create_virtual_dataset(leaf, layout)
+        ds.attrs["dtype"] = first.dtype  # for plain h5py readers, as h5state writes it
+        manifest["datasets"][path] = {
+            "shape": list(first.shape), "torch": first.dtype, "shards": pinned,
+        }  # fmt: skip
     for path, target in links.items():
         parent, _, leaf = path.rpartition("/")
-        (f.require_group(parent) if parent else f)[leaf] = f[target]  # a hard link
+        _require_groups(f, manifest, parent)
+        f[parent][leaf] = f[target]  # a hard link
+        manifest["datasets"][path] = dict(manifest["datasets"][target])
+
+
+def _require_groups(f: h5py.File, manifest: dict[str, Any], path: str) -> None:
+    parts = path.split("/")
+    for i in range(1, len(parts) + 1):
+        sub = "/".join(parts[:i])
+        if sub not in f:
+            f.create_group(sub)
+        manifest["groups"].setdefault(sub, None)
 
 
 def _stored_dtype(dtype_name: str) -> np.dtype:
@@ -202,166 +216,166 @@ class Block:
     xxh3: str
 
 
-def virtual_blocks(ds: h5py.Dataset) -> list[Block]:
-    """The row blocks of a sharded tensor, validated against the layout this module writes."""
-    here = Path(ds.file.filename)
-    m = _CKPT_FILE.match(here.name)
-    if m is None:
-        raise ShardLayoutError(f"{here}: a virtual dataset outside a checkpoint file")
-    step = int(m.group(1))
-    shape = ds.shape
-    if not shape:
-        raise ShardLayoutError(f"{here}:{ds.name}: a scalar cannot be sharded")
-    try:
-        pinned = json.loads(ds.attrs["shards"])
-    except (KeyError, ValueError) as err:
-        raise ShardLayoutError(f"{here}:{ds.name}: no valid 'shards' attribute ({err})") from None
-    blocks: list[Block] = []
-    for vmap in ds.virtual_sources():
-        name, dset = vmap.file_name, vmap.dset_name
-        sm = SHARD_FILE.match(name)
-        if sm is None or int(sm.group(1)) != step:
-            raise ShardLayoutError(
-                f"{here}:{ds.name}: virtual source {name!r} is not a shard of step {step} in "
-                "the checkpoint's folder"
-            )
-        if dset != ds.name:
-            raise ShardLayoutError(f"{here}:{ds.name}: virtual source names dataset {dset!r}")
-        lo, hi = vmap.vspace.get_select_bounds()
-        if tuple(lo[1:]) != (0,) * (len(shape) - 1) or tuple(hi[1:]) != tuple(
-            n - 1 for n in shape[1:]
-        ):
-            raise ShardLayoutError(f"{here}:{ds.name}: a block that is not whole rows")
-        blocks.append(Block(lo[0], hi[0] + 1, name, ""))
-    blocks.sort(key=lambda b: b.start)
-    if [[b.file, b.start, b.stop] for b in blocks] != [p[:3] for p in pinned]:
-        raise ShardLayoutError(f"{here}:{ds.name}: virtual sources disagree with 'shards'")
-    edge = 0
-    for b, p in zip(blocks, pinned, strict=True):
-        if b.start != edge:
-            raise ShardLayoutError(f"{here}:{ds.name}: blocks do not tile rows 0..{shape[0]}")
-        b.xxh3 = str(p[3])
-        edge = b.stop
+def own_shard(name: str, step: int) -> str:
+    """`name`, if it is a shard file of checkpoint `step` in the checkpoint's own folder: the
+    only source a virtual dataset of a checkpoint may name (ShardLayoutError otherwise)."""
+    m = SHARD_FILE.match(name)
+    if m is None or int(m.group(1)) != step:
+        raise ShardLayoutError(
+            f"virtual source {name!r} is not a shard of step {step} in the checkpoint's folder"
+        )
+    return name
+
+
+def pinned_blocks(path: str, entry: dict[str, Any], shape: tuple[int, ...]) -> list[Block]:
+    """The row blocks a manifest entry pins for sharded tensor `path`, checked to be shard
+    files that tile rows 0..shape[0] in order (ShardLayoutError otherwise)."""
+    pinned = entry.get("shards")
+    if not shape or not isinstance(pinned, list) or len(pinned) > 65536:
+        raise ShardLayoutError(f"/{path}: invalid 'shards' in the manifest")
+    blocks, edge = [], 0
+    for p in pinned:
+        ok = (
+            isinstance(p, list)
+            and len(p) == 4
+            and isinstance(p[0], str)
+            and SHARD_FILE.match(p[0]) is not None
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in p[1:3])
+            and isinstance(p[3], str)
+        )
+        if not ok:
+            raise ShardLayoutError(f"/{path}: invalid 'shards' entry {p!r}")
+        if p[1] != edge or p[2] <= p[1]:
+            raise ShardLayoutError(f"/{path}: shards do not tile rows 0..{shape[0]}")
+        blocks.append(Block(p[1], p[2], p[0], p[3]))
+        edge = p[2]
     if edge != shape[0]:
-        raise ShardLayoutError(f"{here}:{ds.name}: blocks do not tile rows 0..{shape[0]}")
+        raise ShardLayoutError(f"/{path}: shards do not tile rows 0..{shape[0]}")
     return blocks
 
 
-def read_rows(
-    ds: h5py.Dataset,
-    rows: tuple[int, int] | None = None,
-    *,
-    verify: bool = True,
-    sources: dict[Path, h5py.File] | None = None,
-) -> np.ndarray:
-    """Rows [start, stop) of a dataset (all when None), plain or sharded.
-
-    A checksum covers a whole dataset or a whole shard, so with `verify` every shard the rows
-    touch is read whole (for a loader at the writer's world size: exactly its own shard).
-    `sources` caches opened shard files across calls; the caller closes them.
-    """
-    if not ds.is_virtual:
-        if rows is None or verify:
-            array = np.asarray(ds[()])
-            if verify and _checksum(array) != ds.attrs["xxh3"]:
-                raise ChecksumError(f"checksum mismatch in {ds.name}")
-            return array if rows is None else array[rows[0] : rows[1]]
-        return np.asarray(ds[rows[0] : rows[1]])
-    start, stop = rows if rows is not None else (0, ds.shape[0])
-    out = np.empty((stop - start, *ds.shape[1:]), dtype=ds.dtype)
-    folder = Path(ds.file.filename).parent
-    own = sources if sources is not None else {}
-    try:
-        for b in virtual_blocks(ds):
-            lo, hi = max(b.start, start), min(b.stop, stop)
-            if lo >= hi:
-                continue
-            path = folder / b.file
-            f = own.get(path)
-            if f is None:
-                try:
-                    f = own[path] = h5py.File(path, "r", locking=False)
-                except OSError as err:
-                    raise OSError(f"shard {path} is missing or unreadable ({err})") from None
-            src = f[ds.name]
-            if src.is_virtual or src.shape != (b.stop - b.start, *ds.shape[1:]):
-                raise ShardLayoutError(f"{path}:{ds.name}: not the block the checkpoint names")
-            if verify:
-                block = np.asarray(src[()])
-                if _checksum(block) != b.xxh3 or src.attrs.get("xxh3") != b.xxh3:
-                    raise ChecksumError(f"checksum mismatch in {path}:{ds.name}")
-                out[lo - start : hi - start] = block[lo - b.start : hi - b.start]
-            else:
-                out[lo - start : hi - start] = src[lo - b.start : hi - b.start]
-    finally:
-        if sources is None:
-            for f in own.values():
-                f.close()
-    return out
-
-
 class TensorRef:
-    """A tensor of a checkpoint not read yet: `read()` all of it, `read((a, b))` rows a..b.
+    """A tensor of a checked checkpoint not read yet: `read()` all of it, `read((a, b))` rows
+    a..b — only the shards those rows lie in are read, each verified whole against its pinned
+    checksum. What a loader that needs only part of a checkpoint (a rank of another world size)
+    holds instead of the bytes. Raises CorruptCheckpoint naming the file."""
 
-    What a loader that needs only part of a checkpoint (a rank of another world size, the
-    weights without the optimizer) holds instead of the bytes.
-    """
-
-    def __init__(self, file: Path, name: str, shape: tuple[int, ...], dtype: str) -> None:
-        self.file, self.name, self.shape, self.dtype = file, name, shape, dtype
+    def __init__(
+        self,
+        file: Path,
+        path: str,
+        rule: Any,
+        entry: dict[str, Any],
+        manifest_sum: str,
+        virtual_source: Callable[[str], str],
+    ) -> None:
+        self.file, self.path, self.rule, self.entry = file, path, rule, entry
+        self.manifest_sum, self.virtual_source = manifest_sum, virtual_source
+        self.shape, self.dtype = tuple(rule.shape), rule.torch_dtype
 
     def __repr__(self) -> str:
-        return f"TensorRef({self.file.name}:{self.name}, shape={self.shape}, dtype={self.dtype})"
+        return f"TensorRef({self.file.name}:/{self.path}, shape={self.shape}, dtype={self.dtype})"
 
     def read(self, rows: tuple[int, int] | None = None, verify: bool = True) -> torch.Tensor:
-        from .run import CorruptCheckpoint
+        from .errors import CorruptCheckpoint, reason
 
         try:
-            with h5py.File(self.file, "r", locking=False) as f:
-                array = read_rows(f[self.name], rows, verify=verify)
-        except (OSError, KeyError, ValueError) as err:  # ChecksumError, ShardLayoutError too
+            array = self._read(rows, verify)
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
             raise CorruptCheckpoint(
-                f"checkpoint {self.file} is unreadable or corrupt ({err})"
+                f"checkpoint {self.file} is unreadable or corrupt ({reason(err)})"
             ) from None
         return numpy_to_tensor(array, self.dtype)
 
-
-def read_lazy(group: h5py.Group, *, verify: bool = True) -> dict[str, Any]:
-    """Like `read_tree`, with every tensor as a `TensorRef` (arrays and JSON are read)."""
-    tree: dict[str, Any] = json.loads(group.attrs["json"]) if "json" in group.attrs else {}
-    file = Path(group.file.filename)
-    for key, item in group.items():
-        if isinstance(item, h5py.Group):
-            tree[key] = read_lazy(item, verify=verify)
-            continue
-        dtype = item.attrs.get("dtype")
-        if dtype is None:
-            array = read_rows(item, verify=verify)
-            tree[key] = array
-        else:
-            tree[key] = TensorRef(file, item.name, tuple(item.shape), str(dtype))
-    return tree
+    def _read(self, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
+        storage, shape = self.rule.storage, self.shape
+        with h5py.File(self.file, "r", locking=False) as f:
+            # The file checked when the state was loaded, not one put in its place since.
+            if h5guard.read_attr(f, "manifest_xxh3", str) != self.manifest_sum:
+                raise ChecksumError("the file changed since it was checked")
+            ds = h5guard.open_path(f, self.path)
+            if not isinstance(ds, h5py.Dataset):
+                raise h5guard.UnsafeFile(f"/{self.path} is not a dataset")
+            h5guard.check_dataset(
+                ds, storage, shape, os.path.getsize(self.file), self.virtual_source
+            )
+            if not shape or (rows is None and "shards" not in self.entry):
+                array = h5guard.read_array(ds, storage, shape)
+                if verify and checksum(array) != self.entry.get("xxh3"):
+                    raise ChecksumError(f"checksum mismatch in /{self.path}")
+                return array
+            if "shards" in self.entry:
+                blocks = pinned_blocks(self.path, self.entry, shape)
+            else:
+                blocks = [Block(0, shape[0], self.file.name, str(self.entry.get("xxh3")))]
+            start, stop = rows if rows is not None else (0, shape[0])
+            out = np.empty((stop - start, *shape[1:]), dtype=storage)
+            for b in blocks:
+                lo, hi = max(b.start, start), min(b.stop, stop)
+                if lo >= hi:
+                    continue  # rows this loader does not need: their shard is never read
+                if verify:  # a checksum covers a whole block: read it all
+                    block = np.empty((b.stop - b.start, *shape[1:]), dtype=storage)
+                    ds.read_direct(block, np.s_[b.start : b.stop])
+                    if checksum(block) != b.xxh3:
+                        raise ChecksumError(f"checksum mismatch in /{self.path} ({b.file})")
+                    out[lo - start : hi - start] = block[lo - b.start : hi - b.start]
+                else:
+                    ds.read_direct(out, np.s_[lo:hi], np.s_[lo - start : hi - start])
+            return out
 
 
 LAZY_GROUPS = ("model", "optim")  # the big ones; the rest is read at once
 
 
 def load_lazy(run: Any, step: int, groups: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """Checkpoint `step` of `run` with its tensors as `TensorRef`s: a loader reads only what
-    it needs, when it needs it. Raises CorruptCheckpoint naming the file."""
+    """Checkpoint `step` of `run`, checked as `Run.load` checks it, with the tensors of the
+    model and optimizer as `TensorRef`s: a loader reads only what it needs, when it needs it.
+    Raises CorruptCheckpoint naming the file."""
+    from . import ckptfile, confine
+    from .errors import CorruptCheckpoint, StoreError, reason
     from .h5state import read_tree
-    from .run import STATE_GROUPS, CorruptCheckpoint
+    from .run import PARSE_ERRORS, STATE_GROUPS
 
-    path = (run.path / run.step_info(step).file).resolve()
+    info = run.step_info(step)
+    path = run.checkpoint_path(info)
+    config = run._owner_config(info)
+
+    def source(name: str) -> str:
+        return confine.virtual_source(run.store.path, path.parent, own_shard(name, info.step))
+
     try:
+        file_size = os.path.getsize(path)
         with h5py.File(path, "r", locking=False) as f:
-            return {
-                k: read_lazy(f[k]) if k in LAZY_GROUPS else read_tree(f[k])
-                for k in groups or STATE_GROUPS
-                if k in f
+            checked = ckptfile._Checked(
+                f, path, config, groups or STATE_GROUPS, info.step, info.checksum
+            )
+            manifest_sum = h5guard.read_attr(f, "manifest_xxh3", str)
+
+            def lazy(name: str, rule: Any, entry: dict[str, Any]) -> TensorRef:
+                return TensorRef(path, name, rule, entry, manifest_sum, source)
+
+            state = {
+                g: read_tree(
+                    checked.objects,
+                    checked.manifest,
+                    g,
+                    checked.rule,
+                    file_size,
+                    virtual_source=source,
+                    lazy=lazy if g in LAZY_GROUPS else None,
+                )  # fmt: skip
+                for g in checked.groups
             }
-    except (OSError, KeyError, ValueError) as err:
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupt ({err})") from None
+        for group, values in state.items():
+            ckptfile._check_json_tree(group, values, checked.spec, checked.step)
+    except StoreError as err:
+        raise CorruptCheckpoint(f"checkpoint {path}: {err}") from None
+    except PARSE_ERRORS as err:
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
+        ) from None
+    return state
 
 
 def shard_files(folder: Path, step: int) -> list[Path]:
@@ -381,39 +395,46 @@ __all__ = [
     "commit_sharded",
     "is_dtensor",
     "load_lazy",
-    "read_lazy",
-    "read_rows",
+    "own_shard",
+    "pinned_blocks",
     "shard_file_name",
     "shard_files",
     "split_sharded",
-    "virtual_blocks",
     "write_shard",
 ]
 
 
-def commit_sharded(run: Any, state: dict[str, Any], reasons: list[str], tags: list[str], par: Any):
+def commit_sharded(
+    run: Any,
+    state: dict[str, Any],
+    reasons: list[str],
+    tags: list[str],
+    par: Any,
+    notify: Callable[[str], None] | None = None,
+) -> Any:
     """Commit the state of every rank as one checkpoint; every rank calls this (a collective).
 
     `par` is the job's `mmnb.dist.Parallel`. The protocol:
-    1. rank 0 says whether the step is committed already (then only its reasons are merged);
+    1. rank 0 says whether the step is committed and intact already (then only its reasons
+       are merged; a corrupt one is moved aside with its shards, `Run.settled`);
     2. every rank writes its shard file (temporary name, fsync, rename) — all at once;
     3. gathering every rank's result at rank 0 is the barrier: rank 0 goes on only when every
        shard is on disk, and removes them all if any rank failed;
-    4. rank 0 writes the checkpoint file — replicated state and the virtual datasets — under
-       a temporary name, fsyncs and renames it, and replaces the index (`Run.commit`);
+    4. rank 0 writes the checkpoint file — replicated state, the virtual datasets and the
+       manifest pinning every shard's checksum — through the store's one commit (temporary
+       name, fsync, rename, then the index: `Run.commit`);
     5. every rank receives rank 0's StepInfo (or its error) before it goes on.
     A crash before 4 completes leaves shard files without a checkpoint file: not a checkpoint,
     never listed, removed by the next writer (`Run._reconcile`). Replicated (DDP) state has
     no shard files: rank 0 writes it once.
     """
-    from .run import CKPT_DIR, StoreError
+    from .errors import StoreError
+    from .runfile import CKPT_DIR
 
     step = int(state["trainer"]["step"])
-    if par.decide(lambda: run.is_committed(step)):
-        return par.decide(lambda: run.commit(state, reasons, tags))
     plain, sharded = split_sharded(state)
-    if not sharded:
-        return par.decide(lambda: run.commit(plain, reasons, tags))
+    if not sharded or par.decide(lambda: run.settled(step, notify)):
+        return par.decide(lambda: run.commit(plain, reasons, tags, notify))
     folder = run.path / CKPT_DIR
     try:
         mine: tuple[Any, int, str | None] = (
@@ -432,10 +453,10 @@ def commit_sharded(run: Any, state: dict[str, Any], reasons: list[str], tags: li
             rank, error = failed[0]
             raise StoreError(f"rank {rank} could not write its shard of step {step}: {error}")
 
-        def virtual(f: h5py.File) -> int:
-            add_virtual(f, step, [entries for entries, _, _ in gathered])
+        def virtual(f: h5py.File, manifest: dict[str, Any]) -> int:
+            add_virtual(f, manifest, step, [entries for entries, _, _ in gathered])
             return sum(size for _, size, _ in gathered)
 
-        return run.commit(plain, reasons, tags, shards=virtual)
+        return run.commit(plain, reasons, tags, notify, shards=virtual)
 
     return par.decide(commit)

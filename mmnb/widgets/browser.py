@@ -26,6 +26,8 @@ from ..describe import reasons_text, state_text
 from ..store import Run, StepInfo, Store
 from .actions import Actions
 from .catalog import Catalog, RunEntry
+from .cleanup import Cleanup
+from .comms import serve
 from .compare import Compare
 from .dashboard import Dashboard
 from .exporter import ExportTab
@@ -53,7 +55,15 @@ def _duration(seconds: float) -> str:
 class Browser:
     """The history of a store as widgets. Display it, or call its methods (tests, scripts)."""
 
-    def __init__(self, store: Store | str | None = None, *, models: int = 3) -> None:
+    def __init__(
+        self,
+        store: Store | str | None = None,
+        *,
+        models: int = 3,
+        interactive: bool | None = None,
+    ) -> None:
+        """`interactive`: the Compare plot as ipympl's zoomable canvas (None: where one can
+        be shown, see `mmnb.widgets.interactive`)."""
         self.store = store if isinstance(store, Store) else Store(store)
         self.catalog = Catalog(self.store)
         self.log = Log()
@@ -74,27 +84,18 @@ class Browser:
             description="Refresh", icon="refresh", layout=w.Layout(width="auto")
         )
         self.refresh_button.on_click(guard(lambda _: self.refresh(), "refresh"))
+        self.cleanup = Cleanup(self.store, self.log, self.refresh)
         self.status = w.HTML()
         # The slider's value IS the step (so the handle's aria-valuenow/-text is the step and
         # its position shows the distance between checkpoints); a value between two
         # checkpoints snaps to the next one in the direction it moved (`_on_step`).
-        self.slider = w.IntSlider(
-            value=0,
-            min=0,
-            max=1,
-            description="step",
-            continuous_update=False,
-            disabled=True,
-            style={"description_width": "initial"},
-            layout=w.Layout(width="98%"),
-        )
         self._steps: list[int] = []  # the selected run's checkpoint steps
-        self.slider.add_class("mmnb-slider")
-        self.plot = Plot(("loss", "lr"), width=6.6, height=2.5, grow=1.03)
-        css_w, _ = self.plot.css_size
-        self.image = w.Image(
-            format="png", layout=w.Layout(width=f"{css_w}px", max_width="68%", height="auto")
-        )
+        self._sent: tuple[int, float] | None = None  # the last value the slider sent, when
+        self.slider_box = w.Box(layout=w.Layout(width="98%"))
+        self.slider = self._new_slider(0, 1, 0)
+        # A PNG (never ipympl's canvas): a slider move blits one marker, in a few ms.
+        self.plot = Plot(("loss", "lr"), width=6.6, height=2.5, grow=1.03, interactive=False)
+        self.plot.widget.layout.max_width = "68%"
         self.meta = w.HTML()
         self.meta.add_class("mmnb-meta")
         self.plot.line("loss", "loss", static=True, color="#1f77b4")
@@ -111,7 +112,7 @@ class Browser:
 
         self.sampler = Sampler(self.log, self.selection, cache_size=models)
         self.actions = Actions(self.catalog, self.log, self.selection, self._job, self.refresh)
-        self.compare = Compare(self.catalog, self.log)
+        self.compare = Compare(self.catalog, self.log, interactive=interactive)
         self.exporter = ExportTab(self.log, self.selection)
         self.queue = QueueTab(self.store.path, self.log)
         # One (title, view) per tab: another action adds its own line here.
@@ -126,18 +127,20 @@ class Browser:
         self.jobs_box = w.VBox()
         self.view = w.VBox(
             [
-                w.HBox([self.runs, w.VBox([self.refresh_button, self.status])]),
-                self.slider,
+                w.HBox([self.runs, w.VBox([self.refresh_button, self.cleanup.view, self.status])]),
+                self.slider_box,
                 # Top-aligned: a stretched row would stretch the image's height too.
-                w.HBox([self.image, self.meta], layout=w.Layout(align_items="flex-start")),
+                w.HBox([self.plot.widget, self.meta], layout=w.Layout(align_items="flex-start")),
                 self.tabs,
                 self.jobs_box,
                 self.log.view,
             ]
         )
         self.view.add_class("mmnb-browser")
+        # Messages handled in the order they were sent (a field's value before the click that
+        # reads it), and while a cell runs (see `comms`).
+        serve(self.view)
         self.runs.observe(guard(self._on_run, "choose run"), names="value")
-        self.slider.observe(guard(self._on_step, "step"), names="value")
         guard(self.refresh, "refresh")()
 
     # ---- what is selected ----
@@ -168,12 +171,9 @@ class Browser:
                     self._steps = [s.step for s in entry.steps]
                     if step is None or step not in entry.by_step:
                         step = entry.steps[-1].step if step is None else _nearest(entry, step)
-                    lo, hi = self._steps[0], self._steps[-1]
-                    # min/max first in an order that keeps min <= max at every moment
-                    if lo > self.slider.max:
-                        self.slider.max, self.slider.min = max(hi, lo + 1), lo
-                    else:
-                        self.slider.min, self.slider.max = lo, max(hi, lo + 1)
+                    lo, hi = self._steps[0], max(self._steps[-1], self._steps[0] + 1)
+                    if (self.slider.min, self.slider.max) != (lo, hi):
+                        self.slider = self._new_slider(lo, hi, step)
                     self.slider.value = step
                     self.slider.disabled = False
                 else:
@@ -200,7 +200,20 @@ class Browser:
             if self._quiet or self._selected is None or change["new"] is None:
                 return
             entry = self.catalog[self._selected[0]]
-            step = self._snap(change["old"], change["new"])
+            old, new, now = change["old"], change["new"], time.monotonic()
+            sent, self._sent = self._sent, (new, now)
+            if (
+                sent is not None
+                and sent[0] != old
+                and abs(new - sent[0]) == 1
+                and now - sent[1] < 2
+            ):
+                # Two quick arrow keys: the second left the browser before the first one's
+                # snapped step reached it (its handle was still at `sent`), so it means one
+                # checkpoint further in its direction, not a jump back.
+                step = self._neighbour(old, 1 if new > sent[0] else -1)
+            else:
+                step = self._snap(old, new)
             if step != change["new"]:
                 self._quiet = True  # the snapped value is shown below, once
                 try:
@@ -210,6 +223,40 @@ class Browser:
             info = entry.by_step.get(step)
             if info is not None:
                 self._show(entry, info)
+
+    def _new_slider(self, lo: int, hi: int, value: int) -> w.IntSlider:
+        """A slider over steps lo..hi, in place of the old one. A new widget, not a new range:
+        the browser's slider (noUiSlider) keeps the range it was made with for its Home and End
+        keys, so after a change of range End would land on the old last step."""
+        slider = w.IntSlider(
+            value=value,
+            min=lo,
+            max=hi,
+            description="step",
+            continuous_update=False,
+            disabled=True,
+            style={"description_width": "initial"},
+            layout=w.Layout(width="100%"),
+        )
+        slider.add_class("mmnb-slider")
+        slider.observe(self.log.guard(self._on_step, "step"), names="value")
+        old = getattr(self, "slider", None)
+        self.slider_box.children = (slider,)
+        if old is not None:
+            serve(slider)
+        if old is not None:
+            old.close()
+        self._sent = None
+        return slider
+
+    def _neighbour(self, step: int, direction: int) -> int:
+        """The checkpoint after (direction 1) or before (-1) `step`; `step` at either end."""
+        steps = self._steps
+        if direction > 0:
+            i = bisect.bisect_right(steps, step)
+            return steps[i] if i < len(steps) else step
+        i = bisect.bisect_left(steps, step)
+        return steps[i - 1] if i > 0 else step
 
     def _snap(self, old: int | None, new: int) -> int:
         """The checkpoint a slider value means: itself, else the next one in the direction the
@@ -234,7 +281,7 @@ class Browser:
         at = ([info.step], [loss]) if loss is not None else ([], [])
         self.plot.set("at", *at)
         self.plot.set("at_lr", *(([info.step], [lr]) if lr is not None else ([], [])))
-        self.image.value = self.plot.png()
+        self.plot.show()
         self.meta.value = self._meta_html(entry, info)
         self.actions.selected(entry, info)
         self.exporter.selected(entry, info)

@@ -3,13 +3,20 @@
 A kernel handles the browser's widget messages (button clicks, slider moves) on its main
 thread, between cells: while `%train` blocks, a click waits until training has ended. IPykernel
 7 runs "subshells" — threads with their own event loop that handle the shell messages routed to
-them — and routes a comm's messages to the subshell its `_reply_subshell_for` names. So a
-dashboard's controls get a helper subshell (one per kernel, started on first use) and their
-clicks are handled there at once, while training keeps the main thread: the training thread,
-its numbers, Ctrl-C (SIGINT reaches the main thread) and "Run All" are exactly as without it.
+them — and routes a comm's messages to the subshell its `_reply_subshell_for` names. So the
+dashboard's and the history browser's widgets (`serve`) get a helper subshell (one per kernel,
+started on first use): their messages are handled there at once and in the order they were
+sent, while training keeps the main thread: the training thread, its numbers, Ctrl-C (SIGINT
+reaches the main thread) and "Run All" are exactly as without it. Their callbacks take their
+own locks against code that a cell runs on the main thread.
 
-Where the kernel has no subshells (ipykernel < 7, other kernels, no kernel), `serve_while_busy`
-returns False and the dashboard hides the buttons during a blocking run, saying how to stop.
+Where the kernel has no subshells (ipykernel < 7, other kernels, no kernel), `serve` returns
+False, messages wait for the main thread as usual, and the dashboard hides Stop and Checkpoint
+now during a blocking run, saying how to stop.
+
+ipympl's canvas talks from the moment its model exists (its size, its frames), not only on a
+click, so `interactive.canvas` routes it as soon as it is made — and plots are interactive only
+where a helper subshell exists: elsewhere a canvas in a blocking cell would stay blank.
 """
 
 from __future__ import annotations
@@ -60,18 +67,40 @@ def _helper_subshell(kernel: Any) -> str | None:
         return _SUBSHELLS[id(kernel)]
 
 
-def serve_while_busy(*widgets: Any) -> bool:
-    """Route the browser's messages for `widgets` to a helper subshell; True if they are."""
+def helper_subshell() -> str | None:
+    """The id of this kernel's helper subshell (created on first use); None where the kernel
+    has none (ipykernel < 7, another kernel, no kernel)."""
     kernel = _kernel()
-    if kernel is None:
+    return None if kernel is None else _helper_subshell(kernel)
+
+
+def route(widget: Any, subshell: str) -> bool:
+    """Have `subshell` handle the browser's messages for `widget`; False if it has no comm."""
+    comm = getattr(widget, "comm", None)
+    if comm is None:
         return False
-    subshell = _helper_subshell(kernel)
+    # ipykernel asks the comm which subshell handles its incoming messages.
+    comm._reply_subshell_for = lambda data, default, _id=subshell: _id
+    return True
+
+
+def serve(*roots: Any) -> bool:
+    """Route the messages of `roots` and every widget inside them to the helper subshell, so
+    they are handled in the order they were sent, and at once; True if they are.
+
+    In order: JupyterLab 4.6 sends a widget's messages over a subshell of its own once that
+    subshell has started ("comms over subshells"), and over the main shell until then, so a
+    field's new value (main shell, busy) could arrive after the click that reads it (subshell).
+    At once: while a cell runs, the controls still answer."""
+    subshell = helper_subshell()
     if subshell is None:
         return False
-    for widget in widgets:
-        comm = getattr(widget, "comm", None)
-        if comm is None:
-            return False
-        # ipykernel asks the comm which subshell handles its incoming messages.
-        comm._reply_subshell_for = lambda data, default, _id=subshell: _id
+    stack, seen = list(roots), set()
+    while stack:
+        widget = stack.pop()
+        if id(widget) in seen:
+            continue
+        seen.add(id(widget))
+        stack.extend(getattr(widget, "children", ()))
+        route(widget, subshell)
     return True

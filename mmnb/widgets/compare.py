@@ -22,7 +22,7 @@ from .plots import COLORS, Plot
 class Compare:
     """The Compare tab: pick runs, see their loss curves together."""
 
-    def __init__(self, catalog: Catalog, log: Log) -> None:
+    def __init__(self, catalog: Catalog, log: Log, *, interactive: bool | None = None) -> None:
         self.catalog = catalog
         label = {"description_width": "initial"}
         self.runs = w.SelectMultiple(options=[], rows=5, description="runs", style=label)
@@ -38,13 +38,9 @@ class Compare:
             style=label,
             layout=w.Layout(width="30em"),
         )
-        self.width, height = 9.6, 3.4
-        self.image = w.Image(
-            format="png",
-            layout=w.Layout(width=f"{round(self.width * 100)}px", max_width="100%", height="auto"),
-        )
-        self.plot: Plot | None = None  # made on first use: the figure costs ~50 ms
-        self._height = height
+        # Zoom, pan and hover through ipympl where it can be shown (`interactive.enabled`).
+        # 9 inches: a canvas does not shrink, and this one sits inside the tabs' padding.
+        self.plot = Plot(("loss",), width=9.0, height=3.4, grow=1.03, interactive=interactive)
         self._lock = threading.Lock()
         self._following = False  # set while the step range follows the runs: no redraw
         draw = log.guard(lambda _change: self._following or self.draw(), "compare")
@@ -56,9 +52,10 @@ class Compare:
                     [self.runs, w.VBox([self.smooth, self.log_scale, self.steps])],
                     layout=w.Layout(align_items="flex-start"),
                 ),
-                self.image,
+                self.plot.widget,
             ]
         )
+        self.view.add_class("mmnb-compare")
 
     def update_options(self) -> None:
         """Follow the catalog (after a refresh); keep the chosen runs that still exist."""
@@ -95,8 +92,6 @@ class Compare:
             self._draw()
 
     def _draw(self) -> None:
-        if self.plot is None:
-            self.plot = Plot(("loss",), width=self.width, height=self._height, grow=1.03)
         plot = self.plot
         plot.clear()
         plot.set_log("loss", self.log_scale.value)
@@ -127,7 +122,7 @@ class Compare:
             plot.set(name, steps, loss)
         if chosen:
             plot.legend("loss")
-        self.image.value = plot.png()
+        plot.show()
 
 
 def _ema(values: np.ndarray, decay: float) -> np.ndarray:

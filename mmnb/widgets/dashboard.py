@@ -32,7 +32,8 @@ from ..describe import BAR_STYLES, colour, reasons_text, state_text
 from ..progress import metric_parts
 from ..store import Run
 from ..train import Event
-from .comms import serve_while_busy
+from .comms import serve
+from .fallback import StaticTwin
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
@@ -81,6 +82,7 @@ class Dashboard:
         plot_interval: float = 0.75,
         text_interval: float = 0.2,
         budget: float = 0.01,
+        interactive: bool | None = None,
     ) -> None:
         self.run_name = run_name  # learnt from the first checkpoint event when None
         self.run: Run | None = None
@@ -109,13 +111,24 @@ class Dashboard:
         self._lock = threading.RLock()  # events (training thread) vs attach/buttons (kernel)
         self._workers: list[threading.Thread] = []
         self.blocking = False  # trains in the cell's thread (set by the magics)
+        self._plotted = False  # the plot has shown data
+        self._stopping = False  # Stop was clicked; the stop event has not come yet
         self.handle: Any = None  # the DisplayHandle when shown through `show()`
 
         self.log = Log()
         # Generous y headroom: a falling loss then crosses the axes' edge (a full redraw)
         # only a few times per run.
+        # `interactive`: ipympl's zoomable canvas (None: where it can be shown, see
+        # `interactive.enabled`), else a PNG.
         self.plot = Plot(
-            PANELS, columns=2, width=9.6, height=4.6, pad=0.25, live=True, zero=("lr", "tokens/s")
+            PANELS,
+            columns=2,
+            width=9.6,
+            height=4.6,
+            pad=0.25,
+            live=True,
+            zero=("lr", "tokens/s"),
+            interactive=interactive,
         )
         self.plot.line("loss_raw", "loss", color="#1f77b4", alpha=0.25, linewidth=1.0)
         self.plot.line("loss", "loss", color="#1f77b4")
@@ -123,16 +136,9 @@ class Dashboard:
         self.plot.line("lr", "lr", color="#2ca02c")
         self.plot.line("grad_norm", "grad norm", color="#9467bd")
         self.plot.line("tokens/s", "tokens/s", color="#ff7f0e")
-        css_w, _ = self.plot.css_size
         self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="12em"))
         self.label = w.HTML("waiting for training to start")
         self.label.add_class("mmnb-state")
-        self.image = w.Image(
-            format="png",
-            # Shown at its CSS size (the PNG has `scale` times the pixels: crisp on HiDPI),
-            # narrower only when the cell is.
-            layout=w.Layout(width=f"{css_w}px", max_width="100%", height="auto"),
-        )
         self.stop_button = w.Button(
             description="Stop", icon="stop", disabled=True, tooltip="stop after this step, saved"
         )
@@ -170,7 +176,7 @@ class Dashboard:
         self.view = w.VBox(
             [
                 w.HBox([self.bar, self.label], layout=w.Layout(align_items="center")),
-                self.image,
+                self.plot.widget,
                 w.HBox(
                     [self.buttons, self.scale, self.smoothing],
                     layout=w.Layout(
@@ -181,6 +187,9 @@ class Dashboard:
             ]
         )
         self.view.add_class("mmnb-dashboard")
+        self.twin = StaticTwin(self.view)  # what nbconvert and saved notebooks show
+        # Clicks handled at once and in order, also while a cell blocks (see `comms`).
+        self._served = serve(self.view)
 
     # ---- the listener ----
     def __call__(self, event: Event) -> None:
@@ -207,6 +216,7 @@ class Dashboard:
             self._clock_base = clock[-1] if clock else 0.0
             self.tokens_per_s = self.eta = None
             self.plot.set_horizon(self.total)
+            self.plot.settle(False)  # headroom for a growing curve
             self._enable(True)
             return True
         if event.kind == "step":
@@ -259,6 +269,10 @@ class Dashboard:
             self.error = info.get("error") or info.get("text")
             self.eta = None
             self._enable(False)
+            self.plot.settle()  # the final picture fits the data
+            if self._stopping:  # "stopping … after this step" has happened: say so
+                self._note(f"stopped at step {self.step}, saved")
+                self._stopping = False
             return True
         return False
 
@@ -322,7 +336,8 @@ class Dashboard:
         marked = [(s, loss) for s, loss in self.checkpoints if loss is not None]
         self.plot.set("ckpt", [s for s, _ in marked], [loss for _, loss in marked])
         if len(steps):
-            self.image.value = self.plot.png()
+            self.plot.show()
+            self._plotted = True
 
     def text(self, with_state: bool = True) -> str:
         """The one-line state (the text/plain fallback)."""
@@ -337,7 +352,9 @@ class Dashboard:
             spe = self.steps_per_epoch
             done = self.epoch + (self.step - self._epoch_start) / spe
             end = done + max(self.total - self.step, 0) / spe
-            parts.append(f"epoch {done:.2f}/{end:.3g}")
+            # The planned end as a whole number when it is one (2 epochs), else like `done`.
+            whole = abs(end - round(end)) < 5e-3
+            parts.append(f"epoch {done:.2f}/{round(end) if whole else f'{end:.2f}'}")
         parts += metric_parts(self.loss, self.lr, self.tokens_per_s)
         if self.eta is not None and self.state == "training":
             parts.append(f"ETA {_clock(self.eta)}")
@@ -395,8 +412,7 @@ class Dashboard:
         """While a cell blocks on training, handle the controls' clicks at once (see
         `comms`); when the kernel cannot, hide Stop / Checkpoint now and say how to stop."""
         self.blocking = True
-        controls = (self.stop_button, self.checkpoint_button, self.scale, self.smoothing)
-        if serve_while_busy(*controls):
+        if self._served:
             return True
         self.stop_button.layout.display = self.checkpoint_button.layout.display = "none"
         self.controls_note.value = (
@@ -416,6 +432,7 @@ class Dashboard:
             raise ValueError(f"run {self.run.name} is not training in this kernel")
         self.run.trainer.stop()  # thread-safe: the trainer stops at its next step boundary
         self._note(f"stopping {self.run.name} after this step, with a checkpoint…")
+        self._stopping = True
         self.stop_button.disabled = True
 
     def _on_checkpoint(self, _button: Any = None) -> None:
@@ -459,6 +476,8 @@ class Dashboard:
         self.close()
         if self.handle is not None:
             self.handle.update({"text/plain": ""}, raw=True)
+        if self.twin.handle is not None:
+            self.twin.handle.update({"text/plain": ""}, raw=True)
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for Checkpoint-now requests in flight (tests, scripts)."""
@@ -467,23 +486,30 @@ class Dashboard:
 
     # ---- display ----
     def show(self) -> Dashboard:
-        """Display now, remembering the output so `freeze()` can give it a static fallback."""
+        """Display now, with a static twin (`fallback.StaticTwin`) that `freeze()` fills."""
         from IPython.display import display
 
         self.handle = display(self, display_id=True)
+        self.twin.show()
         return self
 
     def freeze(self) -> None:
-        """Give the displayed output (when shown with `show()`) the final state as its static
-        fallback — the line and the plot as HTML — so a saved notebook, nbconvert or a viewer
-        without widgets shows how training ended, not its first frame."""
-        if self.handle is not None:
-            self.handle.update(self)
+        """Training has ended: the outputs shown with `show()` get the final state, so a saved
+        notebook, nbconvert's HTML or a viewer without widgets shows how training ended, not
+        its first frame: the twin's line and plot (hidden wherever the widget itself renders),
+        or its text in a text viewer."""
+        if self.handle is None:
+            return
+        # The line once: in the twin (its text for text viewers); the widget output says
+        # nothing where it does not render (JupyterLab saves it without its widget).
+        self.handle.update({**self.view._repr_mimebundle_(), "text/plain": ""}, raw=True)
+        self.twin.update(self.static_html(), self.text())
 
     def static_html(self) -> str:
-        """The final state as plain HTML: the line and the plot image."""
-        line = html.escape(self.text())
-        image = bytes(self.image.value or b"")
+        """The state as plain HTML: the line (its state in colour) and the plot image."""
+        state = state_text(self.state, self.step, {"error": self.error})
+        with self._lock:
+            image = self.plot.snapshot() if self._plotted else b""
         css_w, _ = self.plot.css_size
         img = (
             f"<img alt='training curves' style='width:{css_w}px;max-width:100%' "
@@ -491,7 +517,11 @@ class Dashboard:
             if image
             else ""
         )
-        return f"<div class='mmnb-dashboard-static'><code>{line}</code><br>{img}</div>"
+        return (
+            f"<div class='mmnb-dashboard-static'><span style='color:{colour(self.state)};"
+            f"font-weight:600'>{html.escape(state)}</span> "
+            f"<code>{html.escape(self.text(with_state=False))}</code><br>{img}</div>"
+        )
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         bundle = self.view._repr_mimebundle_(**kwargs) or {}

@@ -18,19 +18,29 @@ background and, on later updates, only blits the changing artists onto it. The b
 redrawn only when data leaves the axes' limits, which are then widened with headroom (`grow`
 along x, `pad` along y), so a growing training curve costs a full draw a few dozen times per
 run.
+
+Where it is shown (`widget`): a crisp PNG in an `ipywidgets.Image`, or — when ipympl is
+installed and the front-end can show it (`interactive.enabled`) — ipympl's canvas, with zoom,
+pan and a hover readout (step and value). The user's zoom or pan of a panel holds while new
+data arrive (the panel stops following the data) until the toolbar's Home. `show()` pushes the
+current state to either; `snapshot()` is a 2x PNG for static fallbacks (saved notebooks).
 """
 
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Sequence
 from typing import Any
 
+import ipywidgets as w
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import LogFormatter, MaxNLocator
 from PIL import Image
+
+from . import interactive as _interactive
 
 # A palette that reads on light and dark notebook themes.
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -53,11 +63,18 @@ class Plot:
         live: bool = False,
         zero: Sequence[str] = (),
         titles: dict[str, str] | None = None,
+        interactive: bool | None = None,
     ) -> None:
-        self.scale = scale
-        self.figure = Figure(figsize=(width, height), dpi=CSS_DPI * scale, layout="constrained")
+        self.interactive = _interactive.enabled(interactive)
+        # ipympl renders at the device pixel ratio itself: its figure is at CSS resolution.
+        self.scale = 1.0 if self.interactive else scale
+        self.figure = Figure(
+            figsize=(width, height), dpi=CSS_DPI * self.scale, layout="constrained"
+        )
         self.figure.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.03, hspace=0.05)
-        self.canvas = FigureCanvasAgg(self.figure)
+        FigureCanvasAgg(self.figure)
+        # Drawing from a training thread vs the user's navigation (ipympl's messages).
+        self.lock = threading.RLock()
         columns = columns or len(panels)
         rows = -(-len(panels) // columns)
         grid = self.figure.subplots(rows, columns, squeeze=False)
@@ -75,18 +92,42 @@ class Plot:
             # Few ticks: tick labels are most of a full draw's cost.
             ax.xaxis.set_major_locator(MaxNLocator(6, integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(4))
+            ax.format_coord = _readout(self.titles[name])  # ipympl's hover readout
         self._xlabel_rows = {ax for ax in axes[-columns:]}  # the bottom row names the x axis
         # `live`: the data keep changing (a training curve), so y gets headroom relative to
         # the values, not only to their spread, and re-limiting stays rare.
         self.grow, self.pad, self.live = grow, pad, live
+        self._settled = False  # see settle()
         self.zero = set(zero)  # panels whose y axis starts at 0 (an lr that decays to ~0)
         self.log: set[str] = set()  # panels with a log y axis
         self._artists: dict[str, tuple[str, Any, bool]] = {}  # key -> (panel, artist, static)
         self._horizon: float | None = None  # the planned last step, if known
         self._horizon_lines: dict[str, Any] = {}
         self._background: Any = None
+        self._background_size: tuple[int, int] | None = None
+        self._auto: dict[str, tuple[Any, Any]] = {}  # panel -> the limits we last set
         self.full_draws = 0
         self._label_x()
+        self.widget: Any = None
+        if self.interactive:
+            self.widget = _interactive.canvas(self)
+            # A canvas cannot shrink like an image: in a narrower cell it scrolls sideways.
+            # (+8: ipympl's margins around the canvas)
+            self.widget.layout = w.Layout(
+                width=f"{self.css_size[0] + 8}px", max_width="100%", overflow="auto hidden"
+            )
+        else:
+            css_w, _ = self.css_size
+            # Shown at its CSS size (the PNG has `scale` times the pixels: crisp on HiDPI),
+            # narrower only when the cell is.
+            self.widget = w.Image(
+                format="png", layout=w.Layout(width=f"{css_w}px", max_width="100%", height="auto")
+            )
+        self.widget.add_class("mmnb-plot")
+
+    @property
+    def canvas(self) -> FigureCanvasAgg:
+        return self.figure.canvas
 
     @property
     def css_size(self) -> tuple[int, int]:
@@ -108,10 +149,30 @@ class Plot:
         self._background = None
 
     def clear(self) -> None:
+        """Remove every line and legend; the axes follow the new data."""
         for key in list(self._artists):
             self.remove(key)
         for ax in self.axes.values():
             ax.legend_ = None
+        self.follow_data()
+
+    def settle(self, settled: bool = True) -> None:
+        """The data have stopped changing (training ended): axes fit them without the
+        headroom kept for a growing curve; `settle(False)` when they grow again."""
+        if settled != self._settled:
+            self._settled = settled
+            self._background = None
+
+    def follow_data(self) -> None:
+        """Forget the user's zoom and pan: every panel's limits follow the data again."""
+        self._auto.clear()
+        self._background = None
+
+    def user_view(self, panel: str) -> bool:
+        """The user zoomed or panned `panel` (ipympl): its limits are theirs."""
+        limits = self._auto.get(panel)
+        ax = self.axes[panel]
+        return limits is not None and (ax.get_xlim(), ax.get_ylim()) != limits
 
     def keys(self) -> list[str]:
         return list(self._artists)
@@ -140,7 +201,10 @@ class Plot:
         if (panel in self.log) != on:
             self.log.symmetric_difference_update({panel})
             self.axes[panel].set_yscale("log" if on else "linear")
-            if not on:
+            if on:  # "3", "4", "6" on a loss axis, not "3 x 10^0"
+                self.axes[panel].yaxis.set_major_formatter(_PlainLog())
+                self.axes[panel].yaxis.set_minor_formatter(_PlainLog(minor_thresholds=(2, 0.5)))
+            else:
                 self.axes[panel].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
                 self.axes[panel].yaxis.set_major_locator(MaxNLocator(4))
             self._background = None
@@ -160,21 +224,57 @@ class Plot:
             ax.set_xlabel(note if ax in self._xlabel_rows else "", fontsize=9, labelpad=2)
 
     # ---- rendering ----
+    def show(self) -> None:
+        """Push the current data to `widget` (a canvas frame, or the Image's PNG)."""
+        with self.lock:
+            if self.interactive:
+                self.render()
+                self.canvas.blit()  # ipympl: sends the changed pixels to the front-end
+            else:
+                self.widget.value = self.png()
+
+    def render(self, full: bool = False) -> None:
+        """Draw into the canvas's buffer: a blit onto the cached background when the limits
+        still hold, else (or when `full`) everything."""
+        with self.lock:
+            size = self.canvas.get_width_height(physical=True)
+            if full or self._background is None or self._background_size != size:
+                self._full_draw()
+            elif not self._limits_hold():
+                self._full_draw()
+            else:
+                self.canvas.restore_region(self._background)
+            for panel, artist, static in self._artists.values():
+                if not static and artist.get_visible():
+                    self.axes[panel].draw_artist(artist)
+
     def png(self) -> bytes:
-        """The figure as PNG bytes: a blit onto the cached background when limits still hold."""
-        if self._background is None or not self._limits_hold():
-            self._full_draw()
-        else:
-            self.canvas.restore_region(self._background)
-        for panel, artist, static in self._artists.values():
-            if not static and artist.get_visible():
-                self.axes[panel].draw_artist(artist)
-        width, height = self.canvas.get_width_height(physical=True)
-        image = Image.frombuffer("RGBA", (width, height), self.canvas.buffer_rgba(), "raw")
-        out = io.BytesIO()
-        # Level 1: a few ms instead of tens; these images live for seconds, size barely matters.
-        image.save(out, format="png", compress_level=1)
-        return out.getvalue()
+        """The figure as PNG bytes at `scale` times its CSS size."""
+        with self.lock:
+            self.render()
+            width, height = self.canvas.get_width_height(physical=True)
+            image = Image.frombuffer("RGBA", (width, height), self.canvas.buffer_rgba(), "raw")
+            out = io.BytesIO()
+            # Level 1: a few ms instead of tens; these images live for seconds.
+            image.save(out, format="png", compress_level=1)
+            return out.getvalue()
+
+    def snapshot(self) -> bytes:
+        """A PNG at 2x the CSS size, curves included: the static fallback of a saved output."""
+        with self.lock:
+            if not self.interactive:
+                return self.png()
+            live = [a for _, a, static in self._artists.values() if not static]
+            for artist in live:
+                artist.set_animated(False)  # savefig leaves animated artists out
+            try:
+                out = io.BytesIO()
+                self.figure.savefig(out, format="png", dpi=2 * CSS_DPI)
+                return out.getvalue()
+            finally:
+                for artist in live:
+                    artist.set_animated(True)
+                self._background = None  # the buffer now holds the 2x image
 
     def _bounds(self, panel: str) -> tuple[float, float, float, float] | None:
         lo_x = lo_y = np.inf
@@ -203,7 +303,7 @@ class Plot:
     def _limits_hold(self) -> bool:
         for panel, ax in self.axes.items():
             bounds = self._bounds(panel)
-            if bounds is None:
+            if bounds is None or self.user_view(panel):
                 continue
             lo_x, hi_x, lo_y, hi_y = bounds
             (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
@@ -215,31 +315,38 @@ class Plot:
         lo, hi = getattr(self, "_xrange", (None, None))
         for panel, ax in self.axes.items():
             bounds = self._bounds(panel)
-            if bounds is None:
+            if bounds is None or self.user_view(panel):
                 continue
             lo_x, hi_x, lo_y, hi_y = bounds
             # Headroom: a growing curve crosses the edge again only after `grow` times as
             # many steps; the data always fill most of the width.
             span = max(hi_x - lo_x, 1.0)
+            grow, live, pad = (
+                (1.02, False, 0.08) if self._settled else (self.grow, self.live, self.pad)
+            )
             x0 = lo_x if lo is None else lo
-            x1 = lo_x + span * self.grow if hi is None else hi
+            x1 = lo_x + span * grow if hi is None else hi
             if self._horizon is not None and hi is None:
                 x1 = min(x1, max(self._horizon, hi_x + 1))  # never past the planned end
             ax.set_xlim(x0, max(x1, x0 + 1))
             if panel in self.log:
-                ratio = (hi_y / lo_y) ** self.pad if lo_y > 0 else 2.0
-                ax.set_ylim(lo_y / ratio, hi_y * (ratio if not self.live else max(ratio, 1.5)))
+                ratio = (hi_y / lo_y) ** pad if lo_y > 0 else 2.0
+                ax.set_ylim(lo_y / ratio, hi_y * (ratio if not live else max(ratio, 1.5)))
             else:
                 yspan = hi_y - lo_y or abs(hi_y) or 1.0
-                if self.live:
+                if live:
                     yspan = max(yspan, abs(hi_y))
                 # Losses and learning rates are never negative: no axis room below 0.
-                low = 0.0 if panel in self.zero else lo_y - self.pad * yspan
-                ax.set_ylim(max(low, 0.0) if lo_y >= 0 else low, hi_y + self.pad * yspan)
+                low = 0.0 if panel in self.zero else lo_y - pad * yspan
+                ax.set_ylim(max(low, 0.0) if lo_y >= 0 else low, hi_y + pad * yspan)
+            self._auto[panel] = (ax.get_xlim(), ax.get_ylim())
             self._mark_horizon(panel, ax)
         self.full_draws += 1
-        self.canvas.draw()  # animated artists are skipped: the background holds the rest
+        # Agg's own draw (ipympl's would send a frame without the curves); animated artists
+        # are skipped: the background holds the rest.
+        FigureCanvasAgg.draw(self.canvas)
         self._background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._background_size = self.canvas.get_width_height(physical=True)
 
     def _mark_horizon(self, panel: str, ax: Any) -> None:
         line = self._horizon_lines.pop(panel, None)
@@ -250,3 +357,19 @@ class Plot:
             self._horizon_lines[panel] = ax.axvline(
                 self._horizon, color="#888888", linestyle="--", linewidth=1.0, alpha=0.5
             )
+
+
+def _readout(title: str) -> Any:
+    """The hover text of a panel: `step 1,234 · loss 4.213`."""
+
+    def format_coord(x: float, y: float) -> str:
+        return f"step {x:,.0f} · {title} {y:.4g}"
+
+    return format_coord
+
+
+class _PlainLog(LogFormatter):
+    """Log-axis tick labels as plain numbers, on the ticks matplotlib would label."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:.4g}" if super().__call__(x, pos) else ""
