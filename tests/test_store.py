@@ -221,6 +221,26 @@ def test_runs_lists_store(trained):
     ]
 
 
+def test_json_in_and_out_is_standard(trained, capsys):
+    from mmnb.cli import main
+    from mmnb.store import jsonio
+
+    nan, inf = float("nan"), float("inf")
+    assert (
+        jsonio.dumps({"loss": nan, "x": [inf, 1.5, -inf]})
+        == '{"loss": null, "x": [null, 1.5, null]}'
+    )
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        jsonio.dumps_state({"lr": nan})  # state: an error, never written
+    for text, why in (('{"a": NaN}', "NaN"), ('{"a": 1, "a": 2}', "duplicate key 'a'")):
+        with pytest.raises(ValueError, match=why):
+            jsonio.loads(text)
+    store, _ = trained
+    assert main(["runs", "--store", str(store.path), "--json"]) == 0
+    rows = jsonio.loads(capsys.readouterr().out)["runs"]  # strict: no NaN/Infinity in it
+    assert [row["name"] for row in rows] == ["r"]
+
+
 def _rewrite_json(path, group, edit):
     """Change one JSON value of a checkpoint in place, as a flipped bit would."""
     with h5py.File(path, "r+") as f:
