@@ -28,7 +28,7 @@ import torch
 
 import benchlib
 import mmnb
-from mmnb.config import resolve
+from mmnb.config import config_to_dict, resolve
 from mmnb.data import build_dataset, tokenizer_for
 from mmnb.store import Store
 from mmnb.train import Trainer
@@ -81,7 +81,8 @@ def save_load(preset: str, folder: Path, rounds: int) -> None:
     trainer.fit()  # one step, so AdamW moments exist
     state = trainer.state_dict()
     plain = _torchify(state)  # weights_only torch.load refuses numpy arrays
-    run = Store(folder / "store").create_run("bench", {}, tokenizer.to_json())
+    config = config_to_dict(model_cfg, train_cfg)
+    run = Store(folder / "store").create_run("bench", config, tokenizer.to_json())
     run.open_writer()
     counter = [0]
     last: dict[str, Path | int] = {}
@@ -89,6 +90,7 @@ def save_load(preset: str, folder: Path, rounds: int) -> None:
     def save_h5() -> float:
         counter[0] += 1
         state["trainer"] = {**state["trainer"], "step": counter[0]}
+        state["schedule"] = {**state["schedule"], "step": counter[0]}  # checked against it
         seconds = _timed(lambda: run.commit(state, ["bench"]))
         info = run.latest()
         benchlib.drop_page_cache(run.path / info.file)
@@ -160,7 +162,7 @@ def save_load(preset: str, folder: Path, rounds: int) -> None:
 def save_memory(preset: str, folder: Path) -> None:
     """Peak RSS growth while committing, in a fresh process, relative to the state's bytes."""
     code = f"""
-from mmnb.config import resolve
+from mmnb.config import config_to_dict, resolve
 from mmnb.data import build_dataset, tokenizer_for
 from mmnb.store import Store
 from mmnb.train import Trainer
@@ -168,7 +170,8 @@ m, t = resolve({preset!r}, batch_size=2, max_seq_len=64, max_steps=1)
 tok = tokenizer_for(None, m.vocab_size)
 tr = Trainer(m, t, build_dataset(None, tok, 64)); tr.fit()
 state = tr.state_dict()
-run = Store({str(folder / "mem")!r}).create_run("m", {{}}, tok.to_json()); run.open_writer()
+run = Store({str(folder / "mem")!r}).create_run("m", config_to_dict(m, t), tok.to_json())
+run.open_writer()
 def hwm():  # VmHWM: peak RSS of this process (ru_maxrss would be inherited from the parent)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 before = hwm()

@@ -153,8 +153,8 @@ def train(
         config_to_dict(model_cfg, train_cfg),
         tokenizer.to_json(),
         lineage={"init_from": source.lineage} if source is not None else None,
+        writer=True,  # locked from its first moment: nobody sees it empty and unlocked
     )
-    handle.open_writer()
     stream = None
     try:
         stream = _attach(handle, trainer, listeners)
@@ -168,7 +168,7 @@ def train(
     except BaseException as err:
         if stream is not None:
             stream.close(err)
-        handle.close_writer()
+        handle.discard()  # nothing was committed (a full disk, Ctrl-C): the name stays free
         raise
     return _launch(handle, trainer, start, background, stream)
 
@@ -244,20 +244,40 @@ def resume(
     check_store(store.path, write=True)
     check_run_writable(handle.path)
     handle.open_writer()
+    unstarted = False
     try:
         info = handle.info()
         stage = info.get("stage") if info.get("parent") else None
-        state = handle.load(step)
         listeners = list(listeners)
-        trainer = _restore(
-            state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle, listeners
-        )
+        if step is None and stage is None and not handle.steps():
+            # Its creator died before step 0 was committed: start it from its config.
+            unstarted = True
+            trainer = _fresh(model_cfg, train_cfg, handle.tokenizer_json(), device, listeners)
+        else:
+            if step is None:
+                state, corrupt = handle.load_newest()
+            else:
+                state, corrupt = handle.load(step), []
+            trainer = _restore(
+                state, model_cfg, train_cfg, handle.tokenizer_json(), device, stage, handle,
+                listeners,
+            )  # fmt: skip
+            # A newer checkpoint that is corrupt is recomputed (the trajectory is a pure
+            # function of config, seed and data) and replaced when training passes it.
+            trainer.repair_steps.update(corrupt)
         check_stop_at(train_cfg.stop_at, trainer.step)
     except BaseException:
         handle.close_writer()
         raise
     if epochs is None and more_epochs is None:
         stream = _attach(handle, trainer, listeners)
+        if unstarted:
+            try:
+                trainer.checkpoint(["start"])
+            except BaseException as err:
+                stream.close(err)
+                handle.close_writer()
+                raise
         if trainer.finished:
             trainer.emit(
                 "notice",
@@ -423,8 +443,8 @@ def _branch(
         tokenizer_json,
         parent=(parent.name, step),
         stage=stage,
+        writer=True,
     )
-    handle.open_writer()
     stream = _attach(handle, trainer, listeners)
     return _launch(handle, trainer, start, background, stream)
 
@@ -445,14 +465,16 @@ def _restore(
     frozen weights through `mmnb.stages`."""
     from . import stages
 
-    tokenizer = Tokenizer.from_json(tokenizer_json)
-    dataset = _dataset(train_cfg, tokenizer, _preparation(listeners))
-    trainer = Trainer(model_cfg, train_cfg, dataset, device=device)
+    trainer = _fresh(model_cfg, train_cfg, tokenizer_json, device, listeners)
     step = int(state["trainer"]["step"])
     owner = source.store.run(source.step_info(step).run)  # who wrote it: a branch inherits
     _, old = config_from_dict(owner.config_dict())
     at_branch = branch_stage is not None and step == branch_stage["start"]
-    stages.load(trainer, state, source.store, owner, old, at_branch)
+    try:
+        stages.load(trainer, state, source.store, owner, old, at_branch)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as err:
+        # The store checked every value it read; this is the last line of defence.
+        raise StoreError(f"run {owner.name!r} step {step} cannot be restored ({err})") from None
     if at_branch:
         if branch_stage["reset_data"]:
             trainer.epoch, trainer.position = 0, 0
@@ -460,12 +482,25 @@ def _restore(
         else:
             # Same data stream: the plan keeps its origin (a fine-tuning stage's own start).
             trainer.plan = plan_for(train_cfg, trainer.steps_per_epoch, start=trainer.plan.start)
-    elif state["data"]["fingerprint"] != dataset.fingerprint:
+    elif state["data"]["fingerprint"] != trainer.dataset.fingerprint:
         raise StoreError(
             f"the data ({train_cfg.data or 'bundled corpus'}) changed since the checkpoint "
             "was written; restore it or branch with --data"
         )
     return trainer
+
+
+def _fresh(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    tokenizer_json: str,
+    device: str,
+    listeners: Iterable[Listener] = (),
+) -> Trainer:
+    """A Trainer at step 0 of the config, on the data with the run's tokenizer."""
+    tokenizer = Tokenizer.from_json(tokenizer_json)
+    dataset = _dataset(train_cfg, tokenizer, _preparation(listeners))
+    return Trainer(model_cfg, train_cfg, dataset, device=device)
 
 
 def _dataset(
@@ -514,11 +549,14 @@ def _attach(handle: Run, trainer: Trainer, listeners: Iterable[Listener]) -> Eve
             attach(handle)
     cfg = trainer.config
 
+    def notify(text: str) -> None:  # saving may run on a background thread: no printing
+        trainer.emit("notice", text=text)
+
     def write(state: dict[str, Any], reasons: list[str], tags: list[str]) -> Any:
-        info = handle.commit(state, reasons, tags)
+        info = handle.commit(state, reasons, tags, notify=notify)
         plan = trainer.plan
         protect = {s for s in (plan.decay_start, plan.start) if s is not None}
-        handle.prune(cfg.keep_last, cfg.keep_every, protect)
+        handle.prune(cfg.keep_last, cfg.keep_every, protect, notify=notify)
         return info
 
     def save(t: Trainer, reasons: list[str], tags: list[str]) -> Any:

@@ -59,7 +59,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {}  # in the order `mmnb --help` lists them
 # Modules that register more subcommands with @command when imported (kept torch-free at import).
-COMMAND_MODULES: tuple[str, ...] = ("mmnb.cli_export", "mmnb.cli_jobs")
+COMMAND_MODULES: tuple[str, ...] = ("mmnb.cli_export", "mmnb.cli_jobs", "mmnb.cli_gc")
 
 
 def command(

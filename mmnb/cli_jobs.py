@@ -16,7 +16,6 @@ Registered with `mmnb.cli` through `@command`; nothing heavy is imported before 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -139,6 +138,7 @@ def add_job(store_path: str | None, args: argparse.Namespace) -> tuple[Any, Any]
 def queue_command(args: argparse.Namespace) -> int:
     from .jobs.queue import Queue
     from .jobs.watch import format_jobs, job_rows
+    from .store import jsonio
 
     if args.verb == "add":
         store, job = add_job(args.store, args)
@@ -154,7 +154,7 @@ def queue_command(args: argparse.Namespace) -> int:
     with Queue(store) as queue:
         if args.verb == "ls":
             rows = job_rows(queue)
-            print(json.dumps(rows, indent=2) if args.json else format_jobs(rows))
+            print(jsonio.dumps(rows, indent=2) if args.json else format_jobs(rows))
         elif args.verb == "cancel":
             for job_id in args.ids:
                 job = queue.cancel(job_id)

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from .launch import ProcessRecord
+from .store.jsonio import finite_or_none
 
 STREAM = "events.jsonl"
 ROTATED = "events.1.jsonl"
@@ -83,10 +84,11 @@ def _rank_zero() -> bool:
 
 # ---- encoding ----
 def _jsonable(value: Any) -> Any:
+    # Standard JSON only: a non-finite float (a skipped step's loss) is written as null.
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        return finite_or_none(dataclasses.asdict(value))
     if hasattr(value, "item"):  # numpy / torch scalars
-        return value.item()
+        return finite_or_none(value.item())
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
@@ -94,7 +96,10 @@ def _jsonable(value: Any) -> Any:
 
 def encode(event: Event, t: float) -> bytes:
     record = {"v": VERSION, "t": t, "kind": event.kind, "step": event.step, "info": event.info}
-    return (json.dumps(record, default=_jsonable, separators=(",", ":")) + "\n").encode()
+    text = json.dumps(
+        finite_or_none(record), default=_jsonable, separators=(",", ":"), allow_nan=False
+    )
+    return (text + "\n").encode()
 
 
 def _number(value: Any) -> bool:

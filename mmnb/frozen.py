@@ -110,9 +110,8 @@ def _mapped(run: Run, step: int) -> dict[str, Tensor] | None:
     import warnings
 
     from .store.h5state import numpy_to_tensor
-    from .store.mapped import mapped_group
 
-    views = mapped_group(run.checkpoint_path(run.step_info(step)), "model")
+    views = run.mapped(step, "model")  # checked like a load (mmnb.store.mapped)
     if views is None:
         return None
     with warnings.catch_warnings():  # read-only memory: torch warns that it cannot write it

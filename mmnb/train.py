@@ -255,6 +255,8 @@ class Trainer:
         # Called before optimizer.step() when the loss or grad norm is not finite (`Anomaly`).
         self.on_anomaly: Callable[[Trainer, Anomaly], str] = stop_on_anomaly
         self.saved_step: int | None = None  # step of the newest checkpoint saved or loaded
+        # Steps whose committed checkpoint is corrupt: checkpointed again when reached.
+        self.repair_steps: set[int] = set()
         # Called with (trainer, loss) for a step with finite values: a reason to refuse it
         # (a loss spike) or None. Installed by mmnb.jobs.recovery for --spike-factor.
         self.spike_check: Callable[[Trainer, float], str | None] | None = None
@@ -413,6 +415,8 @@ class Trainer:
             reasons.append("decay_start")
         if self.config.save_every and self.step % self.config.save_every == 0:
             reasons.append("every")
+        if self.step in self.repair_steps:
+            reasons.append("repair")
         return reasons
 
     @property

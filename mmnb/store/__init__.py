@@ -1,5 +1,7 @@
 """The HDF5 run store: immutable per-step checkpoint files behind an atomically replaced index.
 
+A store is untrusted input: see docs/store-format.md, "Threat model".
+
 Names are imported on first use (PEP 562): `mmnb.store.confine` and `mmnb.store.errors` are
 read by front-ends that must answer fast (`mmnb queue ls`) without loading h5py and torch.
 """
@@ -10,13 +12,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .ckptfile import FORMAT_VERSION
     from .confine import check_run_name
     from .errors import CorruptCheckpoint, StoreError, StoreWriteError
     from .h5state import ChecksumError, read_tree, write_tree
-    from .run import Run, StepInfo
+    from .run import Run
+    from .runfile import StepInfo
     from .store import Store, default_store_path
 
 _LAZY = {
+    "FORMAT_VERSION": ".ckptfile",
     "check_run_name": ".confine",
     "CorruptCheckpoint": ".errors",
     "StoreError": ".errors",
@@ -25,7 +30,7 @@ _LAZY = {
     "read_tree": ".h5state",
     "write_tree": ".h5state",
     "Run": ".run",
-    "StepInfo": ".run",
+    "StepInfo": ".runfile",
     "Store": ".store",
     "default_store_path": ".store",
 }
@@ -45,6 +50,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "FORMAT_VERSION",
     "ChecksumError",
     "CorruptCheckpoint",
     "Run",

@@ -10,8 +10,10 @@ opened. The store folder itself is the user's choice and may be a symlink.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 
@@ -121,3 +123,61 @@ def open_lock(path: Path, *, create: bool) -> int | None:
         what = _kind(st.st_mode) if not stat.S_ISREG(st.st_mode) else "a hard link"
         raise StoreError(f"lock file {path} is {what}; refused")
     return fd
+
+
+def virtual_source(root: Path, base: Path, name: str) -> str:
+    """A virtual dataset's source file `name` (relative to the folder `base` of the file that
+    holds the dataset), checked to be a regular file inside the store; '.' is that same file.
+
+    HDF5 resolves a relative source against the virtual file's folder, so that is where it is
+    checked; an absolute name, or one that leaves the store, is refused.
+    """
+    if name == ".":
+        return "."
+    if not name or os.path.isabs(name) or "\x00" in name:
+        raise StoreError(f"virtual dataset source {name!r} is not a relative path; refused")
+    root_abs = os.path.abspath(root)
+    target = os.path.normpath(os.path.join(os.path.abspath(base), name))
+    if os.path.commonpath([root_abs, target]) != root_abs or target == root_abs:
+        raise StoreError(f"virtual dataset source {name!r} lies outside the store; refused")
+    parts = Path(target).relative_to(root_abs).parts
+    if len(parts) < 2:
+        raise StoreError(f"virtual dataset source {name!r} is not in a run folder; refused")
+    return str(store_file(Path(root_abs), parts[0], *parts[1:], what="virtual dataset source"))
+
+
+def lock_run_folder(folder: Path, name: str) -> int:
+    """Take `<folder>/LOCK` (non-blocking); return its descriptor. Only the holder writes
+    its pid into it, after the lock is held."""
+    path = folder / "LOCK"
+    fd = open_lock(path, create=True)
+    assert fd is not None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise StoreError(
+                f"run {name!r} is being written by another trainer "
+                f"({holder or 'unknown'}); stop it first"
+            ) from None
+        raise StoreError(f"cannot lock {path}: {err}") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
+    except OSError as err:
+        os.close(fd)
+        raise StoreWriteError(f"cannot write {path}: {describe_os_error(err)}", err.errno) from None
+    return fd
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a folder tree (never following a symlink); gone already is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass

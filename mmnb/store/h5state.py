@@ -1,14 +1,19 @@
-"""A nested state dict ⇄ an HDF5 group, bit-exactly, with a checksum on every array.
+"""A nested state dict ⇄ an HDF5 group, bit-exactly, with a checksum on every byte of it.
 
 Mapping: a dict becomes a group; a tensor or numpy array becomes a dataset (attribute `dtype`
 holds the torch dtype name, `xxh3` an XXH3-64 checksum of its bytes); every other leaf (numbers,
 strings, lists, None) goes into the group's `json` attribute. bf16 has no HDF5 type, so its bits
 are stored as uint16 and viewed back. Nothing here can execute code on load.
+
+Writing returns a manifest: every group (with the checksum of its `json` attribute) and every
+dataset (torch or numpy dtype, shape, checksum). The manifest is what a reader trusts, once its
+own checksum matches: it reads exactly the objects it lists, each checked against it before
+anything is allocated (`h5guard`), so the JSON is under a checksum as much as the tensors are.
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from typing import Any
 
 import h5py
@@ -16,18 +21,29 @@ import numpy as np
 import torch
 import xxhash
 
+from . import h5guard, jsonio
+
 # torch dtypes whose bits are stored under another numpy type
 _BIT_VIEWS = {torch.bfloat16: (torch.int16, np.uint16)}
 
 
 class ChecksumError(ValueError):
-    """A dataset's bytes do not match the checksum written when it was saved."""
+    """Bytes that do not match the checksum written when they were saved."""
 
 
-def _checksum(array: np.ndarray) -> str:
+def checksum(data: np.ndarray | bytes | str) -> str:
     # XXH3-64 runs at ~18 GB/s here against ~3.4 GB/s for zlib's CRC-32: on a 300 MB state
     # that is the difference between a checkpoint costing the same as torch.save or not.
-    return xxhash.xxh3_64_hexdigest(memoryview(np.ascontiguousarray(array)).cast("B"))
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if isinstance(data, np.ndarray):
+        data = as_bytes(data)
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def as_bytes(array: np.ndarray) -> np.ndarray:
+    """The bytes of an array (any shape, empty and 0-d included) as a flat uint8 view."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -48,60 +64,155 @@ def numpy_to_tensor(array: np.ndarray, dtype_name: str) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
-def write_tree(
-    group: h5py.Group, tree: dict[str, Any], _written: dict[tuple, h5py.Dataset] | None = None
-) -> int:
-    """Write `tree` under `group`; return the number of array bytes written.
+def _new_manifest() -> dict[str, dict[str, Any]]:
+    return {"groups": {}, "datasets": {}}
 
+
+def write_tree(
+    group: h5py.Group,
+    tree: dict[str, Any],
+    manifest: dict[str, dict[str, Any]] | None = None,
+    *,
+    raw: list[tuple[int, np.ndarray]] | None = None,
+    prefix: str = "",
+    _written: dict[tuple, str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Write `tree` under `group`; return the manifest (filled in place when given).
+
+    `prefix` is the path of `group` in the manifest ('model/'). With `raw`, datasets are only
+    allocated (contiguous, early, never filled) and (file offset, array) pairs are appended for
+    the caller to write the bytes itself; otherwise HDF5 writes them.
     A tensor that is a view of one already written (tied embeddings: `lm_head.weight` is
     `model.embed_tokens.weight`) becomes an HDF5 hard link to that dataset, so its bytes are
     stored once and plain h5py still finds it under its own name.
     """
+    manifest = _new_manifest() if manifest is None else manifest
     written = {} if _written is None else _written
     leaves: dict[str, Any] = {}
-    nbytes = 0
     for key, value in tree.items():
         key = str(key)
+        path = f"{prefix}{key}"
         if isinstance(value, dict):
-            nbytes += write_tree(group.create_group(key), value, written)
-        elif isinstance(value, torch.Tensor):
-            identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
-            if value.numel() and identity in written:
-                group[key] = written[identity]  # a hard link
-                continue
-            array = tensor_to_numpy(value)
-            ds = group.create_dataset(key, data=array)
-            ds.attrs["dtype"] = str(value.dtype).removeprefix("torch.")
-            ds.attrs["xxh3"] = _checksum(array)
-            written[identity] = ds
-            nbytes += array.nbytes
-        elif isinstance(value, np.ndarray):
-            ds = group.create_dataset(key, data=value)
-            ds.attrs["xxh3"] = _checksum(value)
-            nbytes += value.nbytes
+            sub = group.create_group(key)
+            manifest["groups"][path] = None
+            write_tree(sub, value, manifest, raw=raw, prefix=path + "/", _written=written)
+        elif isinstance(value, (torch.Tensor, np.ndarray)):
+            is_tensor = isinstance(value, torch.Tensor)
+            if is_tensor:
+                identity = (value.data_ptr(), value.dtype, tuple(value.shape), value.stride())
+                if value.numel() and identity in written:
+                    group[key] = group.file[written[identity]]  # a hard link
+                    manifest["datasets"][path] = dict(manifest["datasets"][_rel(written[identity])])
+                    continue
+                array = tensor_to_numpy(value)
+                dtype_name = str(value.dtype).removeprefix("torch.")
+            else:
+                array = np.ascontiguousarray(value)
+            ds = _create(group, key, array, raw)
+            digest = checksum(array)
+            ds.attrs["xxh3"] = digest
+            entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": digest}
+            if is_tensor:
+                ds.attrs["dtype"] = dtype_name
+                entry["torch"] = dtype_name
+                written[identity] = ds.name
+            else:
+                entry["numpy"] = array.dtype.name
+            manifest["datasets"][path] = entry
         else:
             leaves[key] = value
     if leaves:
-        group.attrs["json"] = json.dumps(leaves)
-    return nbytes
+        text = jsonio.dumps_state(leaves)  # ValueError for a non-finite float: never saved
+        group.attrs["json"] = text
+        manifest["groups"][prefix.rstrip("/")] = checksum(text)
+    return manifest
 
 
-def read_tree(group: h5py.Group, *, verify: bool = True) -> dict[str, Any]:
-    """Inverse of `write_tree`. With `verify`, a checksum mismatch raises ChecksumError."""
-    tree: dict[str, Any] = json.loads(group.attrs["json"]) if "json" in group.attrs else {}
-    for key, item in group.items():
-        if isinstance(item, h5py.Group):
-            tree[key] = read_tree(item, verify=verify)
+def _rel(name: str) -> str:
+    return name.lstrip("/")
+
+
+def _create(group: h5py.Group, key: str, array: np.ndarray, raw: list | None) -> h5py.Dataset:
+    if raw is None:
+        return group.create_dataset(key, data=array)
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    ds = group.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
+    offset = ds.id.get_offset()
+    if array.nbytes and offset is not None:
+        raw.append((offset, array))  # the caller writes the bytes at the dataset's offset
+    elif array.nbytes:
+        ds[()] = array  # no file offset (a scalar): HDF5 writes these few bytes itself
+    return ds
+
+
+def read_tree(
+    objects: dict[str, h5py.Group | h5py.Dataset],
+    manifest: dict[str, dict[str, Any]],
+    prefix: str,
+    rule: Callable[[str, dict[str, Any]], Any],
+    file_size: int,
+    *,
+    verify: bool = True,
+    virtual_source: Callable[[str], str] | None = None,
+) -> dict[str, Any]:
+    """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
+
+    `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
+
+    `rule(path, entry)` returns the checked (storage dtype, shape, torch dtype) of a dataset
+    (raising for anything the config does not allow) before the dataset is opened. With
+    `verify`, every dataset's bytes and every `json` attribute are checked against the manifest.
+    """
+    tree: dict[str, Any] = {}
+    groups = manifest["groups"]
+    for path in sorted(p for p in groups if p == prefix or p.startswith(prefix + "/")):
+        node = _node(tree, path, prefix)
+        group = objects.get(path)
+        if not isinstance(group, h5py.Group):
+            raise h5guard.UnsafeFile(f"{path} is not a group")
+        expected = groups[path]
+        if expected is None:
+            if h5guard.has_attr(group, "json"):
+                raise h5guard.UnsafeFile(f"{path} has a json attribute the manifest does not list")
             continue
-        array = item[()]
-        if not isinstance(array, np.ndarray):  # a 0-d dataset reads as a numpy scalar
-            array = np.asarray(array)
-        if verify and _checksum(array) != item.attrs["xxh3"]:
-            raise ChecksumError(f"checksum mismatch in {item.name}")
-        dtype = item.attrs.get("dtype")
-        tree[key] = numpy_to_tensor(array, dtype) if dtype is not None else array
+        text = h5guard.read_attr(group, "json", str)
+        if checksum(text) != expected:
+            raise ChecksumError(f"checksum mismatch in the json attribute of /{path}")
+        values = jsonio.loads(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"the json attribute of /{path} is not an object")
+        for key, value in values.items():
+            if key in node:
+                raise ValueError(f"/{path}/{key} is both a dataset and a json value")
+            node[key] = value
+    for path in sorted(p for p in manifest["datasets"] if p.startswith(prefix + "/")):
+        entry = manifest["datasets"][path]
+        parent, _, key = path.rpartition("/")
+        if parent not in groups:
+            raise ValueError(f"dataset {path} is in a group the manifest does not list")
+        r = rule(path, entry)
+        ds = objects.get(path)
+        if not isinstance(ds, h5py.Dataset):
+            raise h5guard.UnsafeFile(f"{path} is not a dataset")
+        h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)
+        array = h5guard.read_array(ds, r.storage, r.shape)
+        if verify and checksum(array) != entry.get("xxh3"):
+            raise ChecksumError(f"checksum mismatch in /{path}")
+        node = _node(tree, parent, prefix)
+        if key in node:
+            raise ValueError(f"/{path} is both a dataset and a json value")
+        node[key] = numpy_to_tensor(array, r.torch_dtype) if r.torch_dtype else array
     return tree
 
 
-def read_json_attr(obj: h5py.HLObject, name: str, default: Any = None) -> Any:
-    return json.loads(obj.attrs[name]) if name in obj.attrs else default
+def _node(tree: dict[str, Any], path: str, prefix: str) -> dict[str, Any]:
+    node = tree
+    rest = path[len(prefix) :].strip("/")
+    for part in rest.split("/") if rest else []:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ValueError(f"/{path} is both a group and a value")
+        node = child
+    return node

@@ -3,8 +3,9 @@ verified, nothing copied into Python memory.
 
 For readers that only pass the bytes on (`mmnb export` writing a safetensors file): a tensor is a
 window on the page cache, so exporting costs one write instead of a read, a copy and a write.
-It needs the layout `write_tree` produces (contiguous datasets, no filters, little-endian) and
-returns None for anything else, so the caller falls back to `Run.load`.
+Every check of a normal load is made first (`ckptfile.layout`: manifest, schema of the config,
+hard links only, data inside the file); a group not laid out as contiguous datasets gives None,
+so the caller falls back to `Run.load`.
 """
 
 from __future__ import annotations
@@ -12,54 +13,57 @@ from __future__ import annotations
 import math
 import mmap
 from pathlib import Path
+from typing import Any
 
-import h5py
 import numpy as np
-import xxhash
 
-from .errors import CorruptCheckpoint
+from .ckptfile import layout
+from .errors import CorruptCheckpoint, reason
+from .h5state import as_bytes, checksum
 
 
-def mapped_group(path: Path, group: str) -> dict[str, tuple[np.ndarray, str | None]] | None:
-    """{name: (read-only array view, torch dtype name)} of the datasets directly in `group`.
+def mapped_group(
+    path: Path,
+    group: str,
+    config: dict[str, Any],
+    *,
+    expect_step: int | None = None,
+    expect_checksum: str | None = None,
+) -> dict[str, tuple[np.ndarray, str | None]] | None:
+    """{name: (read-only array view, torch dtype name)} of the datasets directly in `group` of
+    the checkpoint at `path`, written by a run of `config`.
 
-    Raises CorruptCheckpoint naming the file on a checksum mismatch or a dataset outside the file;
-    None when the group is not laid out as `write_tree` writes it.
+    Raises CorruptCheckpoint naming the file for anything a load would refuse; None when the
+    group is not laid out as `write_tree` writes it.
     """
-    entries = []
+    from .run import PARSE_ERRORS
+
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            for name, ds in f[group].items():
-                if not isinstance(ds, h5py.Dataset):
-                    return None
-                plist = ds.id.get_create_plist()
-                if plist.get_layout() != h5py.h5d.CONTIGUOUS or plist.get_nfilters():
-                    return None
-                if ds.dtype.byteorder == ">" or ds.dtype.hasobject:
-                    return None
-                offset = ds.id.get_offset()  # None: never written (an empty dataset)
-                entries.append(
-                    (name, ds.dtype, ds.shape, offset, ds.attrs["xxh3"], ds.attrs.get("dtype"))
-                )
-    except (OSError, KeyError) as err:
-        raise CorruptCheckpoint(f"checkpoint {path} is unreadable ({err})") from None
+        entries = layout(
+            path, config, group, expect_step=expect_step, expect_checksum=expect_checksum
+        )
+    except PARSE_ERRORS as err:
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
+        ) from None
+    if entries is None:
+        return None
     out: dict[str, tuple[np.ndarray, str | None]] = {}
     with open(path, "rb") as f:
         size = path.stat().st_size
         # MAP_POPULATE maps every page in one go: far cheaper than a fault per 4 KiB page.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         view = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ) if size else None
-    for name, dtype, shape, offset, checksum, torch_dtype in entries:
-        count = math.prod(shape)
+    for name, rule, offset, expected in entries:
+        count = math.prod(rule.shape)
         if offset is None or count == 0:
-            array = np.zeros(shape, dtype=dtype)
-        elif offset + count * dtype.itemsize > size:
-            raise CorruptCheckpoint(f"checkpoint {path}: dataset {name} lies outside the file")
-        else:
-            array = np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
-        if xxhash.xxh3_64_hexdigest(memoryview(array).cast("B")) != checksum:
+            array = np.zeros(rule.shape, dtype=rule.storage)
+        else:  # inside the file: checked by `layout`
+            array = np.frombuffer(view, dtype=rule.storage, count=count, offset=offset)
+            array = array.reshape(rule.shape)
+        if checksum(as_bytes(array)) != expected:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt (checksum mismatch in {name})")
-        out[name] = (array, torch_dtype)
+        out[name] = (array, rule.torch_dtype)
     return out
 
 

@@ -2,100 +2,70 @@
 
 Layout of `<store>/<run>/` (docs/store-format.md has the whole story):
 
-    run.h5              index, replaced atomically on every commit: root attributes (format
-                        version, config, parent, tokenizer), /steps/<step> external links to
-                        the checkpoint files, /index (JSON summary of every step)
+    run.h5              index, replaced atomically on every commit: run metadata (config,
+                        parent, tokenizer), the list of committed checkpoints, a checksum
     ckpt/00000120.h5    one file per committed checkpoint; written under a temporary name,
                         fsynced, renamed; never opened for writing again
     LOCK                flock()ed by the one writer
 
 The checkpoint files are the truth: a commit that died between the rename and the index
-replacement is recovered by the next writer (`_reconcile`).
+replacement is recovered by the next writer (`_reconcile`). Everything read is untrusted:
+paths are confined to the store (`confine`), files are checked before use (`ckptfile`,
+`runfile`), and every failure is one StoreError naming the file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
-import json
 import os
-import re
 import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
-from . import confine
-from .errors import CorruptCheckpoint, StoreError, StoreWriteError, describe_os_error
-from .h5state import ChecksumError, read_tree, write_tree
+from . import confine, schema
+from .ckptfile import STATE_GROUPS, read_checkpoint, read_summary, write_checkpoint
+from .confine import lock_run_folder, remove_path
+from .errors import CorruptCheckpoint, StoreError, StoreWriteError, describe_os_error, reason
+from .image import discard
+from .runfile import (
+    CKPT_DIR,
+    RUN_FILE,
+    StepInfo,
+    checkpoint_file,
+    fsync_dir,
+    read_run_file,
+    step_info,
+    step_name,
+    write_run_file,
+)
 
 if TYPE_CHECKING:
     from .store import Store
 
-FORMAT_VERSION = 1
-RUN_FILE = "run.h5"
-CKPT_DIR = "ckpt"
-_CKPT_NAME = re.compile(r"^(\d{8})\.h5$")
-# "frozen": references to frozen weights a LoRA or DPO stage uses (mmnb.frozen), never copies.
-STATE_GROUPS = (
-    "model", "optim", "schedule", "scaler", "rng", "data", "trainer", "metrics", "frozen",
-)  # fmt: skip
+__all__ = ["Run", "StepInfo", "STATE_GROUPS", "RUN_FILE", "CKPT_DIR", "checkpoint_file"]
+
+# What a damaged or crafted file can make h5py, json or our checks raise while reading.
+PARSE_ERRORS = (
+    OSError,
+    KeyError,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    AttributeError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+)
 
 
-@dataclass
-class StepInfo:
-    """Metadata of one committed checkpoint; listing a run reads only these."""
-
-    step: int
-    file: str  # path of the checkpoint file, relative to this run's folder
-    run: str  # the run that wrote it (a branch inherits its parent's early steps)
-    reasons: list[str]
-    epoch: int = 0
-    position: int = 0
-    tokens: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    elapsed: float = 0.0
-    bytes: int = 0
-    created: float = 0.0
-    tags: list[str] = dataclasses.field(default_factory=list)
-
-    @property
-    def inherited(self) -> bool:
-        return self.file.startswith("..")
-
-
-def step_name(step: int) -> str:
-    return f"{step:08d}"  # zero-padded so names sort numerically
-
-
-def checkpoint_file(run: str, step: int, owner: str) -> str:
-    """The index's `file` of `step` written by run `owner`, relative to run `run`'s folder.
-
-    The only places a checkpoint can be: this run's `ckpt/` or another run's in the same store.
-    """
-    name = f"{CKPT_DIR}/{step_name(step)}.h5"
-    return name if owner == run else f"../{owner}/{name}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 class Run:
@@ -109,6 +79,7 @@ class Run:
         self.error: BaseException | None = None  # what ended background training, if it failed
         self._lock_fd: int | None = None
         self._index: list[StepInfo] | None = None  # the writer's in-memory index
+        self._cache: tuple[tuple[int, int, int], dict[str, Any], list[StepInfo]] | None = None
 
     def __repr__(self) -> str:
         return f"<mmnb.Run {self.name!r} at {self.path}>"
@@ -131,42 +102,46 @@ class Run:
         return self.path / RUN_FILE
 
     # ---- metadata (no tensor is read) ----
-    def _attrs(self) -> dict[str, Any]:
+    def _read(self) -> tuple[dict[str, Any], list[StepInfo]]:
+        """(metadata, index) of run.h5, checked; cached until the file is replaced."""
+        path = confine.store_file(self.store.path, self.name, RUN_FILE, what="run file")
         try:
-            with h5py.File(self.run_file, "r", locking=False) as f:
-                return {k: f.attrs[k] for k in f.attrs if k != "index"}
-        except OSError as err:
-            raise StoreError(f"cannot read {self.run_file}: {err}") from None
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if self._cache is not None and self._cache[0] == stamp:
+                return self._cache[1], list(self._cache[2])
+            meta, index = read_run_file(path, self.name)
+            schema.check_config(meta["config"])
+        except PARSE_ERRORS as err:
+            raise StoreError(f"run file {path} is unreadable or corrupt ({reason(err)})") from None
+        self._cache = (stamp, meta, index)
+        return meta, list(index)
+
+    def _meta(self) -> dict[str, Any]:
+        return self._read()[0]
 
     def config_dict(self) -> dict[str, Any]:
-        return json.loads(self._attrs()["config"])
+        return self._meta()["config"]
 
     @property
     def parent(self) -> tuple[str, int] | None:
-        p = json.loads(self._attrs().get("parent", "null"))
+        p = self._meta()["parent"]
         return (p["run"], int(p["step"])) if p else None
 
     def info(self) -> dict[str, Any]:
         """Run-level attributes decoded: config, parent, stage, history, lineage, created."""
-        attrs = self._attrs()
-        keys = ("config", "parent", "stage", "history", "lineage")
-        return {k: json.loads(attrs[k]) for k in keys if k in attrs} | {
-            "created": float(attrs.get("created", 0.0))
-        }
+        meta = self._meta()
+        keys = ("config", "parent", "stage", "history", "lineage", "created")
+        return {k: meta[k] for k in keys}
 
     def tokenizer_json(self) -> str:
-        return str(self._attrs()["tokenizer"])
+        return self._meta()["tokenizer"]
 
     def steps(self) -> list[StepInfo]:
         """Committed checkpoints, oldest first, including a branch's inherited ones."""
         if self._index is not None:
             return list(self._index)
-        try:
-            with h5py.File(self.run_file, "r", locking=False) as f:
-                entries = json.loads(f.attrs["index"])
-        except (OSError, KeyError) as err:
-            raise StoreError(f"cannot read the index of {self.run_file}: {err}") from None
-        return [StepInfo(**e) for e in entries]
+        return self._read()[1]
 
     def step_info(self, step: int) -> StepInfo:
         for info in self.steps():
@@ -277,11 +252,19 @@ class Run:
         """
         if step is not None:
             return self._load_file(self.step_info(step), verify, groups)
+        return self.load_newest(verify=verify, groups=groups)[0]
+
+    def load_newest(
+        self, *, verify: bool = True, groups: tuple[str, ...] = STATE_GROUPS
+    ) -> tuple[dict[str, Any], list[int]]:
+        """(state of the newest intact checkpoint, the newer steps skipped as corrupt)."""
+        skipped: list[int] = []
         for info in reversed(self.steps()):
             try:
-                return self._load_file(info, verify, groups)
+                return self._load_file(info, verify, groups), skipped
             except CorruptCheckpoint as err:
-                warnings.warn(f"{err}; trying an older checkpoint", stacklevel=2)
+                warnings.warn(f"{err}; trying an older checkpoint", stacklevel=3)
+                skipped.append(info.step)
         raise StoreError(f"run {self.name!r} has no readable checkpoint")
 
     def checkpoint_path(self, info: StepInfo) -> Path:
@@ -295,11 +278,7 @@ class Run:
             )
         try:
             return confine.store_file(
-                self.store.path,
-                info.run,
-                CKPT_DIR,
-                f"{step_name(info.step)}.h5",
-                what="checkpoint",
+                self.store.path, info.run, CKPT_DIR, f"{step_name(info.step)}.h5", what="checkpoint"
             )
         except StoreError as err:
             raise CorruptCheckpoint(str(err)) from None
@@ -308,15 +287,55 @@ class Run:
         self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
         path = self.checkpoint_path(info)
+        config = self._owner_config(info)
         try:
-            with h5py.File(path, "r", locking=False) as f:
-                state = {k: read_tree(f[k], verify=verify) for k in groups if k in f}
-        except (OSError, KeyError, ChecksumError, ValueError) as err:
-            raise CorruptCheckpoint(f"checkpoint {path} is unreadable or corrupt ({err})") from None
+            state, summary = read_checkpoint(
+                path,
+                config,
+                groups,
+                verify=verify,
+                expect_step=info.step,
+                expect_checksum=info.checksum,
+                virtual_source=lambda name: confine.virtual_source(
+                    self.store.path, path.parent, name
+                ),
+            )
+            if summary.get("run") != info.run:
+                raise ValueError(f"it was written by run {summary.get('run')!r}, not {info.run!r}")
+        except StoreError as err:
+            raise CorruptCheckpoint(f"checkpoint {path}: {err}") from None
+        except FileNotFoundError:  # deleted since it was listed (retention in another process)
+            raise CorruptCheckpoint(f"checkpoint {path} does not exist") from None
+        except PARSE_ERRORS as err:
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
+            ) from None
         return state
 
+    def mapped(self, step: int, group: str = "model") -> dict[str, Any] | None:
+        """Zero-copy, read-only views of `group`'s arrays of checkpoint `step` (checked like a
+        load; `mmnb.store.mapped`), or None when the file's layout does not allow it."""
+        from .mapped import mapped_group
+
+        info = self.step_info(step)
+        path = self.checkpoint_path(info)
+        return mapped_group(
+            path,
+            group,
+            self._owner_config(info),
+            expect_step=info.step,
+            expect_checksum=info.checksum,
+        )
+
+    def _owner_config(self, info: StepInfo) -> dict[str, Any]:
+        # What a checkpoint may hold is decided by the config of the run that wrote it (a
+        # branch may add LoRA adapters or another objective to its parent's model).
+        if info.run == self.name:
+            return self.config_dict()
+        return self.store.run(info.run).config_dict()
+
     def verify(self, step: int) -> None:
-        """Raise CorruptCheckpoint unless every array of `step` matches its checksum."""
+        """Raise CorruptCheckpoint unless every byte of `step` matches its checksums."""
         self._load_file(self.step_info(step), verify=True)
 
     # ---- writing ----
@@ -325,29 +344,13 @@ class Run:
         if self._lock_fd is not None:
             return
         confine.store_file(self.store.path, self.name, RUN_FILE, what="run file")
-        fd = confine.open_lock(self.path / "LOCK", create=True)
-        assert fd is not None
+        confine.real_dir(self.path / CKPT_DIR, "checkpoint folder")
+        self._lock_fd = lock_run_folder(self.path, self.name)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
-            os.close(fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreError(
-                    f"run {self.name!r} is being written by another trainer "
-                    f"({holder or 'unknown'}); stop it first"
-                ) from None
-            raise StoreError(f"cannot lock {self.path / 'LOCK'}: {err}") from None
-        try:  # only the holder of the lock rewrites its content
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()}".encode(), 0)
-        except OSError as err:
-            os.close(fd)
-            raise StoreWriteError(
-                f"cannot write {self.path / 'LOCK'}: {describe_os_error(err)}", err.errno
-            ) from None
-        self._lock_fd = fd
-        self._reconcile()
+            self._reconcile()
+        except BaseException:
+            self.close_writer()
+            raise
 
     def close_writer(self) -> None:
         if self._lock_fd is not None:
@@ -357,22 +360,31 @@ class Run:
             self._index = None
 
     def _reconcile(self) -> None:
-        """Make the index agree with the committed files (a crash may sit between the two)."""
-        on_disk = self.steps()
+        """Make the index agree with the committed files (a crash may sit between the two);
+        remove what interrupted writers left (temporary files)."""
+        on_disk = self._read()[1]
         index = [s for s in on_disk if self._present(s)]
-        known = {s.file for s in index}
+        known = {s.step for s in index}
+        for folder in (self.path, self.path / CKPT_DIR):
+            for entry in sorted(folder.iterdir()):
+                if _is_tmp(entry.name):  # a commit that never finished; we hold the lock
+                    remove_path(entry)
         ckpt = self.path / CKPT_DIR
         for entry in sorted(ckpt.iterdir()):
-            if entry.name.startswith("."):  # a temporary file of a commit that never finished
-                entry.unlink()
-            elif _CKPT_NAME.match(entry.name) and f"{CKPT_DIR}/{entry.name}" not in known:
-                try:
-                    with h5py.File(entry, "r", locking=False) as f:
-                        index.append(StepInfo(**json.loads(f.attrs["summary"])))
-                except (OSError, KeyError) as err:
-                    warnings.warn(
-                        f"checkpoint {entry} is unreadable ({err}); ignoring it", stacklevel=2
-                    )
+            match = _ckpt_step(entry.name)
+            if match is None or match in known:
+                continue
+            try:
+                confine.regular_file(entry, "checkpoint")
+                info = step_info(read_summary(entry))
+                if info.step != match or info.run != self.name:
+                    raise ValueError(f"it holds step {info.step} of run {info.run!r}")
+            except (StoreError, *PARSE_ERRORS) as err:
+                warnings.warn(
+                    f"checkpoint {entry} is unreadable ({reason(err)}); ignoring it", stacklevel=3
+                )
+                continue
+            index.append(dataclasses.replace(info, bytes=entry.stat().st_size))
         index.sort(key=lambda s: s.step)
         self._index = index
         if index != on_disk:
@@ -385,119 +397,209 @@ class Run:
             self.checkpoint_path(info)
             return True
         except CorruptCheckpoint as err:
-            warnings.warn(f"{err}; removed from the index", stacklevel=3)
+            warnings.warn(f"{err}; removed from the index", stacklevel=4)
             return False
 
-    def commit(self, state: dict[str, Any], reasons: list[str], tags: list[str] = ()) -> StepInfo:
+    def commit(
+        self,
+        state: dict[str, Any],
+        reasons: list[str],
+        tags: list[str] = (),
+        notify: Callable[[str], None] | None = None,
+    ) -> StepInfo:
         """Write `state` as the checkpoint of its step; return its StepInfo.
 
-        A step that is already committed is never rewritten (a deterministic resume from an
-        older step recomputes the same state): its reasons are merged into the index instead.
+        A step that is already committed is never rewritten while its file is intact (a
+        deterministic resume from an older step recomputes the same state): its reasons are
+        merged into the index instead. A corrupt one is moved aside (`<step>.h5.corrupt`) and
+        replaced (`notify` is told; by default a warning). A failing disk raises
+        StoreWriteError and leaves the store as it was.
         """
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
         step = int(state["trainer"]["step"])
+        schema.check_finite(state, step)
         index = self._index or []
-        for info in index:
-            if info.step == step:
-                info.reasons = sorted(set(info.reasons) | set(reasons))
-                info.tags = sorted(set(info.tags) | set(tags))
-                self._write_run_file()
-                return info
+        old = next((info for info in index if info.step == step), None)
+        reasons = [r for r in reasons if r != "repair"]  # a repair keeps the file's own reasons
+        if old is not None:
+            merged_reasons = sorted(set(old.reasons) | set(reasons))
+            merged_tags = sorted(set(old.tags) | set(tags))
+            if old.run != self.name or self._intact(old):
+                old.reasons, old.tags = merged_reasons, merged_tags
+                self._write_index(f"the index of step {step}")
+                return old
+            self._quarantine(old, notify)
+            index.remove(old)
+            reasons, tags = merged_reasons, merged_tags
         metrics = state["metrics"]
         info = StepInfo(
             step=step,
-            file=f"{CKPT_DIR}/{step_name(step)}.h5",
+            file=checkpoint_file(self.name, step, self.name),
             run=self.name,
             reasons=list(reasons),
             tags=list(tags),
             epoch=int(state["trainer"]["epoch"]),
             position=int(state["data"]["position"]),
             tokens=int(state["trainer"]["tokens"]),
-            loss=float(metrics["loss"][-1]) if len(metrics["loss"]) else None,
-            lr=float(metrics["lr"][-1]) if len(metrics["lr"]) else None,
+            loss=_finite_or_none(metrics["loss"]),
+            lr=_finite_or_none(metrics["lr"]),
             elapsed=float(state["trainer"]["elapsed"]),
             created=time.time(),
         )
         final = self.path / info.file
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        summary = dataclasses.asdict(info)
+        del summary["checksum"]  # the file's own checksum cannot be inside it
         try:
-            with h5py.File(tmp, "w", libver="latest", locking=False) as f:
-                written: dict = {}  # shared storage is written once, across groups
-                for key in STATE_GROUPS:
-                    if key in state:
-                        write_tree(f.create_group(key), state[key], written)
-                f.attrs["format_version"] = FORMAT_VERSION
-                f.attrs["summary"] = json.dumps(dataclasses.asdict(info))
-            _fsync_file(tmp)
+            info.checksum = write_checkpoint(tmp, state, summary)
             info.bytes = tmp.stat().st_size
             os.replace(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
+        except OSError as err:
+            discard(tmp)
+            raise self._write_error(err, f"step {step} to {final}", index) from None
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
             raise
         index.append(info)
         index.sort(key=lambda s: s.step)
         self._index = index
-        self._write_run_file()
+        self._write_index(f"the index after step {step}")
         return info
 
+    def _intact(self, info: StepInfo) -> bool:
+        try:
+            self._load_file(info, verify=True)
+            return True
+        except CorruptCheckpoint:
+            return False
+
+    def _quarantine(self, info: StepInfo, notify: Callable[[str], None] | None) -> None:
+        """Move a corrupt committed file aside (kept for inspection; `mmnb gc` removes it)."""
+        path = self.path / info.file
+        try:
+            if os.path.lexists(path):
+                os.replace(path, path.with_name(path.name + ".corrupt"))
+                fsync_dir(path.parent)
+        except OSError as err:
+            raise self._write_error(err, f"step {info.step} to {path}", self._index or []) from None
+        text = f"checkpoint {path} was corrupt; moved to {path.name}.corrupt and rewritten"
+        (notify or (lambda t: warnings.warn(t, stacklevel=5)))(text)
+
+    def _write_error(self, err: OSError, what: str, index: list[StepInfo]) -> StoreWriteError:
+        newest = max((s.step for s in index), default=None)
+        tail = (
+            "there is no checkpoint yet"
+            if newest is None
+            else f"the newest checkpoint is step {newest}"
+        )
+        return StoreWriteError(f"{describe_os_error(err)} while writing {what}; {tail}", err.errno)
+
+    def _write_index(self, what: str) -> None:
+        try:
+            self._write_run_file()
+        except OSError as err:
+            raise self._write_error(err, f"{what} to {self.run_file}", self._index or []) from None
+
     def update_attrs(self, **values: Any) -> None:
-        """Replace run-level JSON attributes (config after an extension, history)."""
-        self._write_run_file(updates={k: json.dumps(v) for k, v in values.items()})
+        """Replace run-level metadata (config after an extension, history)."""
+        self._write_index_with(values)
+
+    def _write_index_with(self, updates: dict[str, Any]) -> None:
+        try:
+            self._write_run_file(updates)
+        except OSError as err:
+            raise self._write_error(err, f"{self.run_file}", self._index or []) from None
 
     def delete(self, step: int) -> None:
-        """Remove one checkpoint: first from the index, then its file."""
+        """Remove one checkpoint of this run: first from the index, then its file. Refused if
+        another run (at any depth) lists it or branched from it."""
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
         info = self.step_info(step)
         if info.inherited:
             raise StoreError(f"step {step} belongs to run {info.run!r}, not to {self.name!r}")
-        if step in self.store.branch_points(self.name):
-            raise StoreError(f"step {step} of run {self.name!r} is a branch point; not deleted")
-        path = self.checkpoint_path(info)
-        self._index = [s for s in (self._index or []) if s.step != step]
-        self._write_run_file()
-        path.unlink(missing_ok=True)
+        with self.store.locked():
+            users = self.store.references(exclude=self.name).get((self.name, step))
+            if users:
+                raise StoreError(
+                    f"step {step} of run {self.name!r} is in the history of run "
+                    f"{', '.join(sorted(set(users)))}; not deleted"
+                )
+            self._delete([step])
 
-    def prune(self, keep_last: int, keep_every: int, protect: set[int]) -> list[int]:
+    def prune(
+        self,
+        keep_last: int,
+        keep_every: int,
+        protect: set[int],
+        notify: Callable[[str], None] | None = None,
+    ) -> list[int]:
         """Retention: keep the newest `keep_last` own checkpoints and every `keep_every`-th step.
 
-        Never deletes the newest checkpoint, a branch point or a step in `protect`.
+        Never deletes the newest checkpoint, a step in `protect`, or a checkpoint that any other
+        run of the store lists in its history or branched from (at any depth). Runs under the
+        store lock, so a branch made meanwhile is either seen here or sees the deletion. If a
+        run of the store cannot be read, nothing is deleted (`notify` is told why).
         """
         if not keep_last and not keep_every:
             return []
         own = [s.step for s in self.steps() if not s.inherited]
-        keep = set(own[-max(keep_last, 1) :]) | protect | self.store.branch_points(self.name)
+        keep = set(own[-max(keep_last, 1) :]) | protect
         if keep_every:
             keep |= {s for s in own if s % keep_every == 0}
         doomed = [s for s in own if s not in keep]
-        for step in doomed:
-            self.delete(step)
+        if not doomed:
+            return []
+        with self.store.locked():
+            try:
+                refs = self.store.references(exclude=self.name)
+            except StoreError as err:
+                text = f"retention skipped: {err} (its history cannot be protected)"
+                (notify or (lambda t: warnings.warn(t, stacklevel=4)))(text)
+                return []
+            doomed = [s for s in doomed if (self.name, s) not in refs]
+            self._delete(doomed)
         return doomed
 
-    def _write_run_file(self, updates: dict[str, str] | None = None) -> None:
-        attrs = self._attrs()
-        attrs.update(updates or {})
-        write_run_file(self.path, attrs, self._index or [])
+    def _delete(self, steps: list[int]) -> None:
+        """Drop `steps` (own checkpoints) from the index, then remove their files."""
+        if not steps:
+            return
+        gone = set(steps)
+        paths = [self.path / s.file for s in self.steps() if s.step in gone]
+        self._index = [s for s in (self._index or []) if s.step not in gone]
+        self._write_index(f"the index without step {', '.join(map(str, steps))}")
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Remove this run entirely: only while its writer holds it and nothing was committed
+        (a run whose first checkpoint failed), so that its name can be used again."""
+        if self._lock_fd is None or any(not s.inherited for s in self.steps()):
+            self.close_writer()
+            return
+        folder = self.path
+        self.close_writer()
+        remove_path(folder)
+
+    def _write_run_file(self, updates: dict[str, Any] | None = None) -> None:
+        meta = dict(self._meta())
+        meta.update(updates or {})
+        write_run_file(self.path, meta, self._index or [])
+        self._cache = None
 
 
-def write_run_file(folder: Path, attrs: dict[str, Any], index: list[StepInfo]) -> None:
-    """Write `<folder>/run.h5` atomically: temp file, fsync, rename, fsync the folder."""
-    final = folder / RUN_FILE
-    tmp = folder / f".{RUN_FILE}.{os.getpid()}.tmp"
-    try:
-        # libver="latest" allows attributes over 64 KiB (a tokenizer.json is larger).
-        with h5py.File(tmp, "w", libver="latest", locking=False) as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            steps = f.create_group("steps")
-            for info in index:
-                steps[step_name(info.step)] = h5py.ExternalLink(info.file, "/")
-            f.attrs["index"] = json.dumps([dataclasses.asdict(s) for s in index])
-        _fsync_file(tmp)
-        os.replace(tmp, final)
-        _fsync_dir(folder)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _ckpt_step(name: str) -> int | None:
+    """The step of a committed checkpoint's file name ('00000120.h5' → 120), else None."""
+    if len(name) == 11 and name.endswith(".h5") and name[:8].isdigit():
+        return int(name[:8])
+    return None
+
+
+def _finite_or_none(values: np.ndarray) -> float | None:
+    if not len(values):
+        return None
+    value = float(values[-1])
+    return value if np.isfinite(value) else None

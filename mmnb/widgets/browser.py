@@ -26,6 +26,7 @@ from ..describe import reasons_text, state_text
 from ..store import Run, StepInfo, Store
 from .actions import Actions
 from .catalog import Catalog, RunEntry
+from .cleanup import Cleanup
 from .comms import serve
 from .compare import Compare
 from .dashboard import Dashboard
@@ -83,6 +84,7 @@ class Browser:
             description="Refresh", icon="refresh", layout=w.Layout(width="auto")
         )
         self.refresh_button.on_click(guard(lambda _: self.refresh(), "refresh"))
+        self.cleanup = Cleanup(self.store, self.log, self.refresh)
         self.status = w.HTML()
         # The slider's value IS the step (so the handle's aria-valuenow/-text is the step and
         # its position shows the distance between checkpoints); a value between two
@@ -125,7 +127,7 @@ class Browser:
         self.jobs_box = w.VBox()
         self.view = w.VBox(
             [
-                w.HBox([self.runs, w.VBox([self.refresh_button, self.status])]),
+                w.HBox([self.runs, w.VBox([self.refresh_button, self.cleanup.view, self.status])]),
                 self.slider_box,
                 # Top-aligned: a stretched row would stretch the image's height too.
                 w.HBox([self.plot.widget, self.meta], layout=w.Layout(align_items="flex-start")),
