@@ -238,6 +238,18 @@ def _memory_bomb(s, out):
     _reseal(s, {NORM: {"shape": [2**40]}})
 
 
+def _non_finite_weights(s, out):
+    import numpy as np
+
+    from mmnb.store.h5state import checksum
+
+    nan = np.full(32, np.nan, "<f4")  # never committed by mmnb: crafted, under valid checksums
+    with h5py.File(_ckpt(s), "r+") as f:
+        f[NORM][...] = nan
+        f[NORM].attrs["xxh3"] = checksum(nan)
+    _reseal(s, {NORM: {"xxh3": checksum(nan)}})
+
+
 def _link_cycle(s, out):
     with h5py.File(_ckpt(s), "r+") as f:
         f["model/loop"] = f["model"]  # a hard link to its own parent group
@@ -283,6 +295,7 @@ MALICIOUS = {
     "duplicated index key": (_duplicate_index_key, "duplicate key 'step'", INDEX),
     "unknown index key": (_unknown_index_key, "unknown key 'evil'", INDEX),
     "memory bomb": (_memory_bomb, "[1099511627776]; the config implies float32 [32]", CKPT),
+    "non-finite weights": (_non_finite_weights, "norm.weight holds non-finite values", CKPT),
     "link cycle": (_link_cycle, "is reached twice (a link cycle); refused", CKPT),
     "attribute of another type": (_attr_of_another_type, "'summary' of / is not a scalar", CKPT),
     "run attribute of another type": (
