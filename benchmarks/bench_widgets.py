@@ -9,6 +9,8 @@
    Target: ratio <= 1.03. Printed for the tiny preset and for a micro model whose 1–2 ms
    steps expose the per-event cost, with the PNG plot and (when ipympl is installed) with
    ipympl's canvas as a connected front-end gets it (frames sent as changed pixels).
+   The dashboard's own time is printed split: its per-step work as a fraction of training,
+   and the two full draws every run pays once (the first picture, the final one).
 2. A slider move in the history browser on a run of 1,000 checkpoints (built by training a
    micro model with save_every=1): the time from setting the slider to the plot PNG and
    metadata being replaced, sample generation aside. Target: < 200 ms.
@@ -57,11 +59,35 @@ def _dashboard(interactive: bool, **kwargs) -> Dashboard:
     return dash
 
 
-def _fit_seconds(setup, steps: int, dashboard: Dashboard | None) -> float:
+class _Timed:
+    """The dashboard as a listener, its own time split: the first and last event's redraws
+    (a full plot draw each, once per run) apart from the per-step work (folding, throttled
+    redraws) — the two costs scale differently with a run's length."""
+
+    def __init__(self, dashboard: Dashboard) -> None:
+        self.dashboard = dashboard
+        self.seconds: dict[str, float] = {"first picture": 0.0, "per step": 0.0, "end": 0.0}
+        self._drawn = False
+
+    def __call__(self, event) -> None:  # noqa: ANN001
+        t0 = time.perf_counter()
+        draws = self.dashboard.plot.full_draws
+        self.dashboard(event)
+        cost = time.perf_counter() - t0
+        if event.kind == "stop":
+            self.seconds["end"] += cost
+        elif not self._drawn and self.dashboard.plot.full_draws > draws:
+            self._drawn = True
+            self.seconds["first picture"] += cost
+        else:
+            self.seconds["per step"] += cost
+
+
+def _fit_seconds(setup, steps: int, listener: _Timed | None) -> float:
     model_cfg, train_cfg, dataset = setup
     trainer = Trainer(model_cfg, dataclasses.replace(train_cfg, max_steps=steps), dataset)
-    if dashboard is not None:
-        trainer.listeners.append(dashboard)
+    if listener is not None:
+        trainer.listeners.append(listener)
     t0 = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - t0
@@ -74,15 +100,17 @@ def overhead(label: str, options: dict, steps: int, rounds: int, interactive: bo
     # Warm-up of both: allocator, kernels, and matplotlib's one-time font set-up (paid once
     # per kernel, by the first dashboard).
     _fit_seconds(setup, max(steps // 10, 5), None)
-    _fit_seconds(setup, max(steps // 10, 5), _dashboard(interactive, plot_interval=0))
-    dashboards: list[Dashboard] = []
+    _fit_seconds(setup, max(steps // 10, 5), _Timed(_dashboard(interactive, plot_interval=0)))
+    timed: list[_Timed] = []
 
     def shown() -> float:
-        dashboards.append(_dashboard(interactive))  # built untimed, as in a notebook cell
-        return _fit_seconds(setup, steps, dashboards[-1])
+        timed.append(_Timed(_dashboard(interactive)))  # built untimed, as in a notebook cell
+        return _fit_seconds(setup, steps, timed[-1])
 
     times = alternate({"bare": lambda: _fit_seconds(setup, steps, None), "shown": shown}, rounds)
-    dash = dashboards[-1]
+    dash = timed[-1].dashboard
+    split = {k: [t.seconds[k] for t in timed] for k in timed[0].seconds}
+    per_step = [t / b for t, b in zip(split.pop("per step"), times["bare"], strict=True)]
     plot = "ipympl canvas" if dash.plot.interactive else "PNG plot"
     print(
         f"{label}, {plot}: {steps} steps, {rounds} rounds, an event per step\n"
@@ -90,7 +118,9 @@ def overhead(label: str, options: dict, steps: int, rounds: int, interactive: bo
         f" ({steps / median(times['bare']):.0f} steps/s)\n"
         f"  with / without {spread(ratios(times['shown'], times['bare']))} (target <= 1.03); "
         f"last run drew text {dash.draws['text']}x, plot {dash.draws['plot']}x "
-        f"({dash.plot.full_draws} full draws)"
+        f"({dash.plot.full_draws} full draws)\n"
+        f"  the dashboard's own time: per-step work / training {spread(per_step)}; once per run:"
+        + "".join(f" {k} {spread(v)}s" for k, v in split.items())
     )
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    if argv is None:  # the console (not a caller's process): a warning is one line, as errors
+        warnings.showwarning = _one_line_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.command is None:  # `mmnb` alone, or `mmnb --epochs 2`: train
@@ -148,8 +151,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _rank() -> int:
-    import os
-
     return int(os.environ.get("RANK", 0))
 
 
@@ -187,6 +188,16 @@ def _torchrun(args: argparse.Namespace, argv: list[str]) -> int:
         except KeyboardInterrupt:
             interrupted = True
     return 130 if interrupted and code else int(code or 0)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if not str(filename).startswith(os.path.dirname(__file__)):  # a library's: as Python shows it
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+        return
+    print(f"mmnb: warning: {message}", file=file or sys.stderr)
 
 
 def _without(options: list[Option], flag: str) -> list[Option]:

@@ -482,7 +482,9 @@ def test_a_session_in_jupyterlab(server, page, tmp_path):
         deadline = time.monotonic() + WAIT / 1000
         while curve_extent(compare.screenshot(), grid=False) < 0.5 and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert curve_extent(compare.screenshot(path=str(shots / "compare.png")), grid=False) >= 0.5
+        assert (
+            curve_extent(compare.screenshot(path=str(tmp_path / "compare.png")), grid=False) >= 0.5
+        )
         assert b.get_by_role("checkbox", name="log scale").is_checked()
         assert_labels_fully_visible(page, ".mmnb-browser")
         _screenshot(page, b, shots / "browser.png", to=b.locator(".widget-tab").first)

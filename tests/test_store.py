@@ -221,6 +221,42 @@ def test_runs_lists_store(trained):
     ]
 
 
+def test_non_finite_state_is_never_committed(trained):
+    store, run = trained
+    state = run.load(6)
+    state["trainer"]["step"] = 7
+    state["optim"]["state"]["model.norm.weight"]["exp_avg"][3] = float("inf")
+    files = sorted(p.name for p in (run.path / "ckpt").iterdir())
+    run.open_writer()
+    try:
+        with pytest.raises(StoreError, match="refusing to checkpoint step 7: optim.model.norm"):
+            run.commit(state, ["requested"])
+    finally:
+        run.close_writer()
+    assert sorted(p.name for p in (run.path / "ckpt").iterdir()) == files
+    assert [s.step for s in run.steps()] == [0, 2, 4, 6]
+
+
+def test_json_in_and_out_is_standard(trained, capsys):
+    from mmnb.cli import main
+    from mmnb.store import jsonio
+
+    nan, inf = float("nan"), float("inf")
+    assert (
+        jsonio.dumps({"loss": nan, "x": [inf, 1.5, -inf]})
+        == '{"loss": null, "x": [null, 1.5, null]}'
+    )
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        jsonio.dumps_state({"lr": nan})  # state: an error, never written
+    for text, why in (('{"a": NaN}', "NaN"), ('{"a": 1, "a": 2}', "duplicate key 'a'")):
+        with pytest.raises(ValueError, match=why):
+            jsonio.loads(text)
+    store, _ = trained
+    assert main(["runs", "--store", str(store.path), "--json"]) == 0
+    rows = jsonio.loads(capsys.readouterr().out)["runs"]  # strict: no NaN/Infinity in it
+    assert [row["name"] for row in rows] == ["r"]
+
+
 def _rewrite_json(path, group, edit):
     """Change one JSON value of a checkpoint in place, as a flipped bit would."""
     with h5py.File(path, "r+") as f:

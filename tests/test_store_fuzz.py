@@ -20,8 +20,8 @@ import pytest
 
 import mmnb
 
-# (target, seed): 160 mutations of the newest checkpoint, 100 of the run's index.
-SEEDS = [("ckpt", s) for s in range(160)] + [("run", 1000 + s) for s in range(100)]
+# (target, seed): 200 mutations of the newest checkpoint, 200 of the run's index.
+SEEDS = [("ckpt", s) for s in range(200)] + [("run", 1000 + s) for s in range(200)]
 DEADLINE = 30.0  # seconds for one mutation (a load takes milliseconds)
 
 CHILD = r'''
@@ -175,7 +175,7 @@ def test_random_damage_is_harmless_or_one_store_error(pristine, tmp_path):
     bad = {k: v for k, v in outcomes.items() if v.split()[0] not in ("intact", "error")}
     assert not bad, "\n".join(f"{k}: {v}" for k, v in bad.items())
     errors = [v for v in outcomes.values() if v.startswith("error")]
-    assert len(outcomes) == len(SEEDS) >= 200
+    assert len(outcomes) == len(SEEDS) >= 400
     # The damage is real: most mutations hit something mmnb checks (a checksum, HDF5's own).
     assert len(errors) > len(SEEDS) // 2, sorted(outcomes.values())[:20]
     for text in errors:  # one StoreError naming the damaged file

@@ -115,6 +115,11 @@ def read_checkpoint(
         }
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
+    # mmnb never commits non-finite weights or moments: a file holding some (under valid
+    # checksums) is crafted, and would only fail later, far from the file (in sampling).
+    name = schema.non_finite(state)
+    if name is not None:
+        raise ValueError(f"{name} holds non-finite values")
     return state, checked.summary
 
 

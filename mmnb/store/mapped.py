@@ -63,8 +63,23 @@ def mapped_group(
             array = array.reshape(rule.shape)
         if checksum(as_bytes(array)) != expected:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt (checksum mismatch in {name})")
+        if group == "model" and not _finite(array, rule.torch_dtype):  # as `read_checkpoint`
+            raise CorruptCheckpoint(
+                f"checkpoint {path} is unreadable or corrupt ({name} holds non-finite values)"
+            )
         out[name] = (array, rule.torch_dtype)
     return out
+
+
+def _finite(array: np.ndarray, torch_dtype: str | None) -> bool:
+    if torch_dtype == "bfloat16":  # stored as uint16: all exponent bits set is inf or NaN
+        return not bool(np.any((array & 0x7F80) == 0x7F80))
+    # min and max propagate NaN and are inf if any value is (no array-sized temporary).
+    return (
+        array.dtype.kind != "f"
+        or not array.size
+        or bool(np.isfinite([array.min(), array.max()]).all())
+    )
 
 
 __all__ = ["mapped_group"]

@@ -259,7 +259,9 @@ class Dashboard:
             reasons = set(info.get("reasons", ()))
             if "requested" in reasons and saved is not None:
                 self._note(f"saved step {saved.step} ({reasons_text(['requested'], saved.tags)})")
-            return bool(reasons & {"requested", "stop", "interrupt", "stop_at", "end"})
+            # A requested checkpoint shows at once (training goes on); the last one of a run
+            # (end, stop, interrupt) is followed by the stop event, whose redraw shows it.
+            return "requested" in reasons
         if event.kind == "notice":
             self.notices.append(str(info["text"]))
             self.log.message(f"note: {info['text']}")
