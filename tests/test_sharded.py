@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmnb import api
-from mmnb.store import CorruptCheckpoint, StoreError, confine, h5guard
+from mmnb.store import CorruptCheckpoint, StoreError, h5guard
 from mmnb.store.h5state import checksum, tensor_to_numpy
 from mmnb.store.sharded import (
     ShardEntry,
@@ -23,9 +23,9 @@ from mmnb.store.sharded import (
     TensorRef,
     add_virtual,
     load_lazy,
-    own_shard,
     pinned_blocks,
     shard_file_name,
+    shard_source,
 )
 
 NAME = "model.embed_tokens.weight"  # rows split over two "ranks"
@@ -116,7 +116,7 @@ def test_virtual_sources_outside_the_checkpoint_are_refused(tmp_path, name):
         with pytest.raises((ShardLayoutError, StoreError)):
             h5guard.check_dataset(
                 f["model/w"], np.dtype(np.float32), (7, 3), path.stat().st_size,
-                lambda n: confine.virtual_source(tmp_path, folder, own_shard(n, 30)),
+                lambda n: shard_source(tmp_path, folder, n, 30),
             )  # fmt: skip
 
 

@@ -148,8 +148,8 @@ def layout(
                 continue
             rule = checked.rule(key, entry)
             ds = checked.objects[key]
-            if "shards" in entry or ds.id.get_create_plist().get_layout() == h5py.h5d.VIRTUAL:
-                return None  # a sharded tensor (`store.sharded`): read through the shards
+            if "shards" in entry:
+                return None  # a sharded tensor (`store.sharded`): a load checks its shards
             h5guard.check_dataset(ds, rule.storage, rule.shape, file_size)
             if ds.id.get_create_plist().get_layout() != h5py.h5d.CONTIGUOUS:
                 return None

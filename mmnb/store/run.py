@@ -44,7 +44,7 @@ from .runfile import (
     step_name,
     write_run_file,
 )
-from .sharded import SHARD_FILE, own_shard, shard_files
+from .sharded import SHARD_FILE, shard_files, shard_source
 
 if TYPE_CHECKING:
     from .store import Store
@@ -298,8 +298,8 @@ class Run:
                 verify=verify,
                 expect_step=info.step,
                 expect_checksum=info.checksum,
-                virtual_source=lambda name: confine.virtual_source(
-                    self.store.path, path.parent, own_shard(name, info.step)
+                virtual_source=lambda name: shard_source(
+                    self.store.path, path.parent, name, info.step
                 ),
             )
             if summary.get("run") != info.run:

@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import h5guard
+from . import h5guard, schema
 from .h5state import ChecksumError, checksum, numpy_to_tensor, tensor_to_numpy
 
 SHARD_FILE = re.compile(r"^(\d{8})\.rank(\d{1,6})\.h5$")
@@ -128,6 +128,9 @@ def write_shard(
             continue
         first_of[id(tensor)] = path
         local[path] = tensor.to_local()
+        if schema.non_finite({"model": {path: local[path]}}) is not None:
+            # (the trainer stops before such a step; this is the store's own guarantee)
+            raise ValueError(f"refusing to checkpoint step {step}: {path} is not finite")
         dtype = str(tensor.dtype).removeprefix("torch.")
         entries.append(ShardEntry(path, tuple(tensor.shape), dtype, start, stop, ""))
     try:
@@ -227,6 +230,16 @@ def own_shard(name: str, step: int) -> str:
     return name
 
 
+def shard_source(root: Path, folder: Path, name: str, step: int) -> str:
+    """The checked path of virtual source `name` of a checkpoint of `step` in `folder`: inside
+    the store (`confine.virtual_source`), and one of that step's own shard files."""
+    from . import confine
+
+    path = confine.virtual_source(root, folder, name)
+    own_shard(name, step)
+    return path
+
+
 def pinned_blocks(path: str, entry: dict[str, Any], shape: tuple[int, ...]) -> list[Block]:
     """The row blocks a manifest entry pins for sharded tensor `path`, checked to be shard
     files that tile rows 0..shape[0] in order (ShardLayoutError otherwise)."""
@@ -280,12 +293,16 @@ class TensorRef:
         from .errors import CorruptCheckpoint, reason
 
         try:
-            array = self._read(rows, verify)
+            tensor = numpy_to_tensor(self._read(rows, verify), self.dtype)
+            # As `Run.load`: mmnb never commits a non-finite weight or moment, so a file
+            # holding one (under valid checksums) is crafted.
+            if schema.non_finite({"model": {self.path: tensor}}) is not None:
+                raise ValueError(f"/{self.path} holds non-finite values")
         except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
             raise CorruptCheckpoint(
                 f"checkpoint {self.file} is unreadable or corrupt ({reason(err)})"
             ) from None
-        return numpy_to_tensor(array, self.dtype)
+        return tensor
 
     def _read(self, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
         storage, shape = self.rule.storage, self.shape
@@ -332,7 +349,7 @@ def load_lazy(run: Any, step: int, groups: tuple[str, ...] | None = None) -> dic
     """Checkpoint `step` of `run`, checked as `Run.load` checks it, with the tensors of the
     model and optimizer as `TensorRef`s: a loader reads only what it needs, when it needs it.
     Raises CorruptCheckpoint naming the file."""
-    from . import ckptfile, confine
+    from . import ckptfile
     from .errors import CorruptCheckpoint, StoreError, reason
     from .h5state import read_tree
     from .run import PARSE_ERRORS, STATE_GROUPS
@@ -342,7 +359,7 @@ def load_lazy(run: Any, step: int, groups: tuple[str, ...] | None = None) -> dic
     config = run._owner_config(info)
 
     def source(name: str) -> str:
-        return confine.virtual_source(run.store.path, path.parent, own_shard(name, info.step))
+        return shard_source(run.store.path, path.parent, name, info.step)
 
     try:
         file_size = os.path.getsize(path)
@@ -396,6 +413,7 @@ __all__ = [
     "is_dtensor",
     "load_lazy",
     "own_shard",
+    "shard_source",
     "pinned_blocks",
     "shard_file_name",
     "shard_files",
