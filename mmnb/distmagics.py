@@ -19,6 +19,8 @@ The job outlives a kernel restart (its own session): `%attach RUN` follows it ag
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import re
 import signal
 import time
@@ -140,6 +142,11 @@ def run_group(
         attachment.skip()
     except StoreError:
         pass
+    # The first checkpoint read in a process imports torch._dynamo (the store checks shapes
+    # against a model built on the meta device); the dashboard reads one as soon as the run
+    # appears. Import it now, before the job runs: Kernel → Interrupt landing inside that
+    # import would leave sympy half-imported and every later load in this kernel failing.
+    importlib.import_module("torch._dynamo")
     folder = jobs_folder(store) / KERNEL_JOBS
     ensure_private(folder)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"
@@ -154,7 +161,7 @@ def run_group(
         env=commands.job_env(),
         cwd=command.cwd,
     )
-    interrupted = False
+    interrupted = following = False
     try:
         if attachment is None:
             run = _appeared(store, command.run, job)
@@ -166,6 +173,7 @@ def run_group(
                 dashboard.attach(GroupStop(job, attachment.remote))
                 dashboard.serve_clicks()
             attachment.start()
+            following = True
         while True:
             try:
                 code = job.wait()
@@ -175,13 +183,19 @@ def run_group(
                 # wait for that (a second interrupt only repeats the request).
                 interrupted = True
                 job.signal(signal.SIGINT)
-    except KeyboardInterrupt:  # while waiting for the run to appear
+    except KeyboardInterrupt:  # while waiting for the run to appear, or before following it
         job.signal(signal.SIGINT)
         job.wait()
+        # The run may have appeared (and trained) meanwhile: its stream says how far.
+        if attachment is None:
+            with contextlib.suppress(StoreError):
+                Attachment(store.run(command.run), listener).replay()
+        elif not following:
+            attachment.start()  # the job has ended: it feeds the rest of the stream and stops
         raise
     finally:
         if attachment is not None:
-            attachment.ended.wait(10.0)  # the last events (stop, close) reach the display
+            attachment.ended.wait(2.0)  # the last events (stop, close) reach the display
             attachment.close()
     if interrupted:
         raise KeyboardInterrupt
