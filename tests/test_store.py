@@ -221,6 +221,22 @@ def test_runs_lists_store(trained):
     ]
 
 
+def test_non_finite_state_is_never_committed(trained):
+    store, run = trained
+    state = run.load(6)
+    state["trainer"]["step"] = 7
+    state["optim"]["state"]["model.norm.weight"]["exp_avg"][3] = float("inf")
+    files = sorted(p.name for p in (run.path / "ckpt").iterdir())
+    run.open_writer()
+    try:
+        with pytest.raises(StoreError, match="refusing to checkpoint step 7: optim.model.norm"):
+            run.commit(state, ["requested"])
+    finally:
+        run.close_writer()
+    assert sorted(p.name for p in (run.path / "ckpt").iterdir()) == files
+    assert [s.step for s in run.steps()] == [0, 2, 4, 6]
+
+
 def test_json_in_and_out_is_standard(trained, capsys):
     from mmnb.cli import main
     from mmnb.store import jsonio

@@ -94,6 +94,43 @@ def test_fifo_lock_neither_hangs_nor_hides_the_other_runs(victim, micro):
         mmnb.resume("r", store=store)
 
 
+def test_damaged_run_files_hide_no_intact_run(victim, capsys):
+    store, _ = victim
+    for name in ("t", "e", "m"):
+        mmnb.branch("r", 1, name, store=store, start=False)
+    runfile = {n: store.path / n / "run.h5" for n in ("t", "e", "m")}
+    runfile["t"].write_bytes(runfile["t"].read_bytes()[:100])  # truncated
+    runfile["e"].write_bytes(b"")  # empty
+    runfile["m"].write_bytes(b"\x89HDF\r\n\x1a\n" + b"\xff" * 500)  # malformed
+    assert main(["runs", "--store", str(store.path)]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[0] for line in out.splitlines()] == ["r"]
+    assert sorted(err.splitlines()) == [
+        f"mmnb: warning: run file {runfile[n]} is unreadable or corrupt ({why}); skipping run {n}"
+        for n, why in sorted(_why(runfile).items())
+    ]
+    pytest.importorskip("ipywidgets")
+    from mmnb.widgets import Browser
+
+    browser = Browser(store)
+    try:
+        assert [value for _, value in browser.runs.options] == ["r"]
+        assert all(f"skipping run {n}" in browser.log.text() for n in runfile)
+    finally:
+        browser.close()
+
+
+def _why(runfile):
+    """What HDF5 says about each damaged file (the reason in the warning)."""
+    out = {}
+    for name, path in runfile.items():
+        try:
+            h5py.File(path, "r").close()
+        except OSError as err:
+            out[name] = str(err)
+    return out
+
+
 def test_symlinked_run_folder_is_skipped(victim, tmp_path):
     store, outside = victim
     (store.path / "r").rename(outside / "r")

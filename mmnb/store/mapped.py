@@ -74,7 +74,12 @@ def mapped_group(
 def _finite(array: np.ndarray, torch_dtype: str | None) -> bool:
     if torch_dtype == "bfloat16":  # stored as uint16: all exponent bits set is inf or NaN
         return not bool(np.any((array & 0x7F80) == 0x7F80))
-    return array.dtype.kind != "f" or bool(np.isfinite(array).all())
+    # min and max propagate NaN and are inf if any value is (no array-sized temporary).
+    return (
+        array.dtype.kind != "f"
+        or not array.size
+        or bool(np.isfinite([array.min(), array.max()]).all())
+    )
 
 
 __all__ = ["mapped_group"]
