@@ -108,9 +108,18 @@ def worker_save(preset: str, folder: str, rounds: int) -> None:
     step = [0]
     state = trainer.state_dict()
 
+    def at_step(tree: dict, n: int) -> dict:
+        # Each save a step of its own (the store checks the step in trainer and schedule).
+        return {
+            **tree,
+            "trainer": {**tree["trainer"], "step": n},
+            "schedule": {**tree["schedule"], "step": n},
+        }
+
     def sharded() -> float:
+        nonlocal state
         step[0] += 1
-        state["trainer"] = {**state["trainer"], "step": step[0]}
+        state = at_step(state, step[0])
         par.barrier()
         t0 = time.perf_counter()
         commit_sharded(run, state, ["bench"], [], par)
@@ -132,8 +141,7 @@ def worker_save(preset: str, folder: str, rounds: int) -> None:
             whole = {**state, "model": full_model}
             groups = state["optim"]["param_groups"]
             whole["optim"] = {"state": full_optim["state"], "param_groups": groups}
-            whole["trainer"] = {**state["trainer"], "step": step[0]}
-            gathered.commit(whole, ["bench"])
+            gathered.commit(at_step(whole, step[0]), ["bench"])
         par.barrier()
         seconds = time.perf_counter() - t0
         if par.is_main:
@@ -178,6 +186,9 @@ def worker_load(folder: str) -> None:
     from mmnb.store import Store
 
     run = Store(Path(folder) / "store").run("shards")
+    # The first checkpoint read imports torch._dynamo (the store checks shapes against a model
+    # on the meta device): megabytes of modules that are not the checkpoint's bytes.
+    run.metrics()
 
     def rchar() -> int:
         with open("/proc/self/io") as f:
