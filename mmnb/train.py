@@ -691,9 +691,12 @@ class Trainer:
         names = self.param_names
         index = {n: i for i, n in enumerate(names)}
         optim = sd["optim"]
+        # A loaded checkpoint's tensors are copy-on-write views of its file (`Run.load`); the
+        # optimizer keeps the tensors it is given, so it gets its own copies: training must
+        # not keep the file mapped (a checkpoint deleted by retention would hold its space).
         self.optimizer.load_state_dict(
             {
-                "state": {index[n]: dict(s) for n, s in optim["state"].items()},
+                "state": {index[n]: _own(s) for n, s in optim["state"].items()},
                 "param_groups": [
                     {**g, "params": [index[n] for n in g["params"]]} for g in optim["param_groups"]
                 ],
@@ -708,6 +711,10 @@ class Trainer:
                 weight_decay=self.config.weight_decay,
             )
         self.load_counters(sd, restore_rng=restore_rng)
+
+
+def _own(slots: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in slots.items()}
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ file itself; their JSON values were not under a checksum, which cannot be repair
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -53,7 +54,12 @@ def write_checkpoint(path: Path, state: dict[str, Any], summary: dict[str, Any])
     """
     image, raw = SparseImage(), []
     manifest: dict[str, Any] = {"groups": {}, "datasets": {}}
-    with h5py.File(image, "w", libver="latest", locking=False) as f:
+    # Every allocation of 512 bytes or more (each tensor's bytes) starts at a multiple of 64:
+    # a loaded tensor is a view of the mapped file (`read_checkpoint`), and kernels expect
+    # aligned data.
+    with h5py.File(
+        image, "w", libver="latest", locking=False, alignment_threshold=512, alignment_interval=64
+    ) as f:
         written: dict = {}  # shared storage is written once, across groups
         for key in STATE_GROUPS:
             if key in state:
@@ -89,9 +95,15 @@ def read_checkpoint(
     the file. `config` is the config dict of the run that wrote it: it decides what the
     datasets may be.
     """
-    file_size = os.path.getsize(path)
     with h5py.File(path, "r", locking=False) as f:
+        # Size and mapping come from the descriptor HDF5 reads, so they are of the same file
+        # even if `path` is replaced meanwhile.
+        fd = f.id.get_vfd_handle()
+        file_size = os.fstat(fd).st_size
         checked = _Checked(f, path, config, groups, expect_step, expect_checksum)
+        # Copy-on-write: the arrays are writable and private; pages are shared with the page
+        # cache until written. Committed files are never rewritten in place.
+        mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if file_size else None
         state = {
             g: read_tree(
                 checked.objects,
@@ -101,6 +113,7 @@ def read_checkpoint(
                 file_size,
                 verify=verify,
                 virtual_source=virtual_source,
+                mapping=mapping,
             )
             for g in checked.groups
         }

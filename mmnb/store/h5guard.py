@@ -122,9 +122,11 @@ def check_dataset(
     shape: tuple[int, ...],
     file_size: int,
     virtual_source: Callable[[str], str] | None = None,
-) -> None:
+) -> int | None:
     """Raise UnsafeFile unless `ds` is exactly (dtype, shape) with its bytes where they may be.
 
+    Returns the file offset of a non-empty contiguous dataset's bytes (checked to lie inside
+    the file's `file_size` bytes), None for any other dataset.
     `virtual_source(file_name)` checks a virtual dataset's source file (it must lie in the
     store and be a regular file) and returns its path; without it virtual datasets are refused.
     """
@@ -142,14 +144,15 @@ def check_dataset(
     layout = dcpl.get_layout()
     if layout == h5py.h5d.CONTIGUOUS:
         if nbytes == 0:
-            return
+            return None
         offset = ds.id.get_offset()
         if offset is None or ds.id.get_storage_size() != nbytes:
             # Unwritten storage would read as fill values: a silently different state.
             raise UnsafeFile(f"{where} has no stored data of {nbytes} bytes")
         if offset < 0 or offset + nbytes > file_size:
             raise UnsafeFile(f"{where} lies beyond the end of the file")
-    elif layout == h5py.h5d.COMPACT:
+        return offset
+    if layout == h5py.h5d.COMPACT:
         if nbytes > COMPACT_LIMIT:
             raise UnsafeFile(f"{where} is compact but declares {nbytes} bytes")
     elif layout == h5py.h5d.VIRTUAL:
@@ -158,6 +161,7 @@ def check_dataset(
         _check_virtual(ds, dcpl, dtype, virtual_source)
     else:
         raise UnsafeFile(f"{where} has an unsupported (chunked) layout")
+    return None
 
 
 def _check_virtual(

@@ -13,6 +13,8 @@ anything is allocated (`h5guard`), so the JSON is under a checksum as much as th
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -156,8 +158,13 @@ def read_tree(
     *,
     verify: bool = True,
     virtual_source: Callable[[str], str] | None = None,
+    mapping: mmap.mmap | None = None,
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
+
+    With `mapping` (the whole file, mapped copy-on-write), a contiguous dataset's array is a
+    view of its bytes in the mapping instead of a copy read through HDF5 (zero-copy load);
+    other layouts are read as usual.
 
     `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
 
@@ -196,8 +203,13 @@ def read_tree(
         ds = objects.get(path)
         if not isinstance(ds, h5py.Dataset):
             raise h5guard.UnsafeFile(f"{path} is not a dataset")
-        h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)
-        array = h5guard.read_array(ds, r.storage, r.shape)
+        offset = h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)
+        # Inside the file (checked above); element-aligned, as torch's kernels expect.
+        if mapping is not None and offset is not None and offset % r.storage.itemsize == 0:
+            count = math.prod(r.shape)
+            array = np.frombuffer(mapping, r.storage, count, offset).reshape(r.shape)
+        else:
+            array = h5guard.read_array(ds, r.storage, r.shape)
         if verify and checksum(array) != entry.get("xxh3"):
             raise ChecksumError(f"checksum mismatch in /{path}")
         node = _node(tree, parent, prefix)
