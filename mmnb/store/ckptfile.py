@@ -20,8 +20,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import h5guard, jsonio, schema
-from .h5state import ChecksumError, checksum, read_tree, write_tree
+from . import h5guard, jsonio, schema, workers
+from .h5state import Checks, ChecksumError, Digests, checksum, read_tree, write_tree
 from .image import SparseImage, write_file
 
 FORMAT_VERSION = 2
@@ -57,16 +57,25 @@ def write_checkpoint(path: Path, state: dict[str, Any], summary: dict[str, Any])
     # Every allocation of 512 bytes or more (each tensor's bytes) starts at a multiple of 64:
     # a loaded tensor is a view of the mapped file (`read_checkpoint`), and kernels expect
     # aligned data.
-    with h5py.File(
-        image, "w", libver="latest", locking=False, alignment_threshold=512, alignment_interval=64
-    ) as f:
+    with (
+        workers.pool() as pool,
+        h5py.File(
+            image,
+            "w",
+            libver="latest",
+            locking=False,
+            alignment_threshold=512,
+            alignment_interval=64,
+        ) as f,
+    ):
+        digests = Digests(pool, [state[key] for key in STATE_GROUPS if key in state])
         written: dict = {}  # shared storage is written once, across groups
         for key in STATE_GROUPS:
             if key in state:
                 manifest["groups"][key] = None
                 write_tree(
                     f.create_group(key), state[key], manifest, raw=raw, prefix=key + "/",
-                    _written=written,
+                    _written=written, digest=digests,
                 )  # fmt: skip
         summary_text = jsonio.dumps(summary)
         manifest["summary"] = checksum(summary_text)
@@ -95,7 +104,7 @@ def read_checkpoint(
     the file. `config` is the config dict of the run that wrote it: it decides what the
     datasets may be.
     """
-    with h5py.File(path, "r", locking=False) as f:
+    with workers.pool() as pool, h5py.File(path, "r", locking=False) as f:
         # Size and mapping come from the descriptor HDF5 reads, so they are of the same file
         # even if `path` is replaced meanwhile.
         fd = f.id.get_vfd_handle()
@@ -104,6 +113,7 @@ def read_checkpoint(
         # Copy-on-write: the arrays are writable and private; pages are shared with the page
         # cache until written. Committed files are never rewritten in place.
         mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if file_size else None
+        checks = Checks(pool)  # checksums on worker threads while the metadata is read
         state = {
             g: read_tree(
                 checked.objects,
@@ -114,14 +124,16 @@ def read_checkpoint(
                 verify=verify,
                 virtual_source=virtual_source,
                 mapping=mapping,
+                checks=checks,
             )
             for g in checked.groups
         }
+        checks.wait()
+        # mmnb never commits non-finite weights or moments: a file holding some (under valid
+        # checksums) is crafted, and would only fail later, far from the file (in sampling).
+        name = schema.non_finite(state, mapper=pool.map)
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
-    # mmnb never commits non-finite weights or moments: a file holding some (under valid
-    # checksums) is crafted, and would only fail later, far from the file (in sampling).
-    name = schema.non_finite(state)
     if name is not None:
         raise ValueError(f"{name} holds non-finite values")
     return state, checked.summary

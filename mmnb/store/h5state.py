@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable
+from concurrent.futures import Executor, Future
 from typing import Any
 
 import h5py
@@ -78,6 +79,7 @@ def write_tree(
     raw: list[tuple[int, np.ndarray]] | None = None,
     prefix: str = "",
     _written: dict[tuple, str] | None = None,
+    digest: Callable[[np.ndarray], str] = checksum,
 ) -> dict[str, dict[str, Any]]:
     """Write `tree` under `group`; return the manifest (filled in place when given).
 
@@ -87,6 +89,7 @@ def write_tree(
     A tensor that is a view of one already written (tied embeddings: `lm_head.weight` is
     `model.embed_tokens.weight`) becomes an HDF5 hard link to that dataset, so its bytes are
     stored once and plain h5py still finds it under its own name.
+    `digest(array)` is the array's checksum (`Digests` computes them ahead on worker threads).
     """
     manifest = _new_manifest() if manifest is None else manifest
     written = {} if _written is None else _written
@@ -97,7 +100,9 @@ def write_tree(
         if isinstance(value, dict):
             sub = group.create_group(key)
             manifest["groups"][path] = None
-            write_tree(sub, value, manifest, raw=raw, prefix=path + "/", _written=written)
+            write_tree(
+                sub, value, manifest, raw=raw, prefix=path + "/", _written=written, digest=digest
+            )
         elif isinstance(value, (torch.Tensor, np.ndarray)):
             is_tensor = isinstance(value, torch.Tensor)
             if is_tensor:
@@ -111,9 +116,9 @@ def write_tree(
             else:
                 array = np.ascontiguousarray(value)
             ds = _create(group, key, array, raw)
-            digest = checksum(array)
-            ds.attrs["xxh3"] = digest
-            entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": digest}
+            xxh3 = digest(array)
+            ds.attrs["xxh3"] = xxh3
+            entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": xxh3}
             if is_tensor:
                 ds.attrs["dtype"] = dtype_name
                 entry["torch"] = dtype_name
@@ -128,6 +133,36 @@ def write_tree(
         group.attrs["json"] = text
         manifest["groups"][prefix.rstrip("/")] = checksum(text)
     return manifest
+
+
+class Digests:
+    """Checksums of a state's CPU tensors, computed ahead on worker threads in the order
+    `write_tree` asks for them, so hashing overlaps HDF5's metadata work."""
+
+    def __init__(self, pool: Executor, trees: list[Any]) -> None:
+        self.jobs: dict[tuple[int, int], Future[str]] = {}
+        stack = list(reversed(trees))
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend(reversed(list(node.values())))
+            elif (
+                isinstance(node, torch.Tensor)
+                and node.device.type == "cpu"
+                and node.is_contiguous()  # a view of the tensor's memory, never a temporary
+                and node.numel()
+            ):
+                array = tensor_to_numpy(node)
+                self.jobs.setdefault(_key(array), pool.submit(checksum, array))
+
+    def __call__(self, array: np.ndarray) -> str:
+        # The same memory and length: the same bytes (nothing writes the state while saving).
+        job = self.jobs.get(_key(array))
+        return job.result() if job is not None else checksum(array)
+
+
+def _key(array: np.ndarray) -> tuple[int, int]:
+    return (array.ctypes.data, array.nbytes)
 
 
 def _rel(name: str) -> str:
@@ -149,6 +184,23 @@ def _create(group: h5py.Group, key: str, array: np.ndarray, raw: list | None) ->
     return ds
 
 
+class Checks:
+    """Datasets' checksums computed on worker threads while the caller reads on."""
+
+    def __init__(self, pool: Executor) -> None:
+        self.pool = pool
+        self.jobs: list[tuple[str, str | None, Future[str]]] = []
+
+    def add(self, path: str, array: np.ndarray, expected: str | None) -> None:
+        self.jobs.append((path, expected, self.pool.submit(checksum, array)))
+
+    def wait(self) -> None:
+        """Raise ChecksumError for the first dataset (in reading order) that does not match."""
+        for path, expected, job in self.jobs:
+            if job.result() != expected:
+                raise ChecksumError(f"checksum mismatch in /{path}")
+
+
 def read_tree(
     objects: dict[str, h5py.Group | h5py.Dataset],
     manifest: dict[str, dict[str, Any]],
@@ -159,12 +211,14 @@ def read_tree(
     verify: bool = True,
     virtual_source: Callable[[str], str] | None = None,
     mapping: mmap.mmap | None = None,
+    checks: Checks | None = None,
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
 
     With `mapping` (the whole file, mapped copy-on-write), a contiguous dataset's array is a
     view of its bytes in the mapping instead of a copy read through HDF5 (zero-copy load);
-    other layouts are read as usual.
+    other layouts are read as usual. With `checks`, the datasets' checksums are left to it
+    (`Checks.wait` raises for a mismatch) instead of computed here.
 
     `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
 
@@ -210,7 +264,9 @@ def read_tree(
             array = np.frombuffer(mapping, r.storage, count, offset).reshape(r.shape)
         else:
             array = h5guard.read_array(ds, r.storage, r.shape)
-        if verify and checksum(array) != entry.get("xxh3"):
+        if verify and checks is not None:
+            checks.add(path, array, entry.get("xxh3"))
+        elif verify and checksum(array) != entry.get("xxh3"):
             raise ChecksumError(f"checksum mismatch in /{path}")
         node = _node(tree, parent, prefix)
         if key in node:
