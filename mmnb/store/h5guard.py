@@ -50,7 +50,11 @@ def open_hard(group: h5py.Group, name: str) -> h5py.Group | h5py.Dataset:
     links = group.id.links
     if not links.exists(raw):
         raise UnsafeFile(f"{_where(group, name)} is missing")
-    kind = links.get_info(raw).type
+    return _open_link(group, name, raw, links.get_info(raw).type)
+
+
+def _open_link(group: h5py.Group, name: str, raw: bytes, kind: int) -> h5py.Group | h5py.Dataset:
+    """The object `raw` (link type `kind`) of `group` leads to, if it is a hard link."""
     if kind != h5py.h5l.TYPE_HARD:
         what = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
         raise UnsafeFile(
@@ -225,9 +229,14 @@ def walk(
             raise UnsafeFile(f"{g.name} is nested deeper than {max_depth} levels")
         if len(g) > max_nodes - count:
             raise UnsafeFile(f"{g.name} has too many members")
-        for name in list(g):
+        # Names and link types in one pass over the group (not three HDF5 calls per member).
+        links: list[tuple[bytes, int]] = []
+        g.id.links.iterate(lambda raw, info: links.append((raw, info.type)), info=True)
+        for raw, kind in links:
             count += 1
-            obj = open_hard(g, name)
+            name = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
+            _component(name)
+            obj = _open_link(g, name, raw, kind)
             path = f"{prefix}{name}"
             yield path, obj
             if isinstance(obj, h5py.Group):
