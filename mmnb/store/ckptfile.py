@@ -131,7 +131,7 @@ def read_checkpoint(
         checks.wait()
         # mmnb never commits non-finite weights or moments: a file holding some (under valid
         # checksums) is crafted, and would only fail later, far from the file (in sampling).
-        name = schema.non_finite(state, mapper=pool.map)
+        name = schema.non_finite(state, mapper=lambda fn, xs: workers.map_batched(pool, fn, xs))
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
     if name is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import mmap
 from collections.abc import Callable
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from typing import Any
 
 import h5py
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import h5guard, jsonio
+from . import h5guard, jsonio, workers
 
 # torch dtypes whose bits are stored under another numpy type
 _BIT_VIEWS = {torch.bfloat16: (torch.int16, np.uint16)}
@@ -140,7 +140,8 @@ class Digests:
     `write_tree` asks for them, so hashing overlaps HDF5's metadata work."""
 
     def __init__(self, pool: Executor, trees: list[Any]) -> None:
-        self.jobs: dict[tuple[int, int], Future[str]] = {}
+        self.jobs: dict[tuple[int, int], workers.Slot] = {}
+        batched = workers.Batched(pool, checksum)
         stack = list(reversed(trees))
         while stack:
             node = stack.pop()
@@ -153,7 +154,9 @@ class Digests:
                 and node.numel()
             ):
                 array = tensor_to_numpy(node)
-                self.jobs.setdefault(_key(array), pool.submit(checksum, array))
+                if _key(array) not in self.jobs:
+                    self.jobs[_key(array)] = batched.submit(array, array.nbytes)
+        batched.flush()
 
     def __call__(self, array: np.ndarray) -> str:
         # The same memory and length: the same bytes (nothing writes the state while saving).
@@ -188,11 +191,11 @@ class Checks:
     """Datasets' checksums computed on worker threads while the caller reads on."""
 
     def __init__(self, pool: Executor) -> None:
-        self.pool = pool
-        self.jobs: list[tuple[str, str | None, Future[str]]] = []
+        self.batched = workers.Batched(pool, checksum)
+        self.jobs: list[tuple[str, str | None, workers.Slot]] = []
 
     def add(self, path: str, array: np.ndarray, expected: str | None) -> None:
-        self.jobs.append((path, expected, self.pool.submit(checksum, array)))
+        self.jobs.append((path, expected, self.batched.submit(array, array.nbytes)))
 
     def wait(self) -> None:
         """Raise ChecksumError for the first dataset (in reading order) that does not match."""

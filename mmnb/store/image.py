@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import workers
 from .h5state import as_bytes
 
 
@@ -82,20 +81,14 @@ def write_file(path: Path, image: SparseImage, raw: list[tuple[int, np.ndarray]]
     """Create `path` (it must not exist) with the image's metadata and the raw arrays at their
     offsets; fsync it. Return its size. On OSError the partial file is removed and the error
     re-raised."""
-    for offset, array in raw:
-        if offset + array.nbytes > image.size:
-            raise ValueError(f"array at {offset} ends after the file ({image.size} bytes)")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
         for offset, data in image.writes:
             _pwrite_all(fd, memoryview(data), offset)
-        # The arrays in a few threads (pwrite releases the GIL; copying into the page cache is
-        # CPU work), largest first, each thread taking the next one.
-        order = sorted(raw, key=lambda item: -item[1].nbytes)
-        with workers.pool() as pool:
-            jobs = [pool.submit(_pwrite_all, fd, memoryview(as_bytes(a)), o) for o, a in order]
-            for job in jobs:
-                job.result()
+        for offset, array in raw:
+            if offset + array.nbytes > image.size:
+                raise ValueError(f"array at {offset} ends after the file ({image.size} bytes)")
+            _pwrite_all(fd, memoryview(as_bytes(array)), offset)
         os.ftruncate(fd, image.size)
         os.fsync(fd)
     except BaseException:

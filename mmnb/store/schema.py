@@ -312,6 +312,6 @@ def _finite(tensor: Any) -> bool:
 def check_finite(state: dict[str, Any], step: int) -> None:
     """No non-finite weight or optimizer moment is ever committed."""
     with workers.pool() as pool:
-        name = non_finite(state, mapper=pool.map)
+        name = non_finite(state, mapper=lambda fn, items: workers.map_batched(pool, fn, items))
     if name is not None:
         raise StoreError(f"refusing to checkpoint step {step}: {name} is not finite")
