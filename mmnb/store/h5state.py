@@ -79,7 +79,6 @@ def write_tree(
     raw: list[tuple[int, np.ndarray]] | None = None,
     prefix: str = "",
     _written: dict[tuple, str] | None = None,
-    digest: Callable[[np.ndarray], str] = checksum,
 ) -> dict[str, dict[str, Any]]:
     """Write `tree` under `group`; return the manifest (filled in place when given).
 
@@ -89,7 +88,6 @@ def write_tree(
     A tensor that is a view of one already written (tied embeddings: `lm_head.weight` is
     `model.embed_tokens.weight`) becomes an HDF5 hard link to that dataset, so its bytes are
     stored once and plain h5py still finds it under its own name.
-    `digest(array)` is the array's checksum (`Digests` computes them ahead on worker threads).
     """
     manifest = _new_manifest() if manifest is None else manifest
     written = {} if _written is None else _written
@@ -100,9 +98,7 @@ def write_tree(
         if isinstance(value, dict):
             sub = group.create_group(key)
             manifest["groups"][path] = None
-            write_tree(
-                sub, value, manifest, raw=raw, prefix=path + "/", _written=written, digest=digest
-            )
+            write_tree(sub, value, manifest, raw=raw, prefix=path + "/", _written=written)
         elif isinstance(value, (torch.Tensor, np.ndarray)):
             is_tensor = isinstance(value, torch.Tensor)
             if is_tensor:
@@ -116,9 +112,9 @@ def write_tree(
             else:
                 array = np.ascontiguousarray(value)
             ds = _create(group, key, array, raw)
-            xxh3 = digest(array)
-            ds.attrs["xxh3"] = xxh3
-            entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": xxh3}
+            digest = checksum(array)
+            ds.attrs["xxh3"] = digest
+            entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": digest}
             if is_tensor:
                 ds.attrs["dtype"] = dtype_name
                 entry["torch"] = dtype_name
@@ -133,39 +129,6 @@ def write_tree(
         group.attrs["json"] = text
         manifest["groups"][prefix.rstrip("/")] = checksum(text)
     return manifest
-
-
-class Digests:
-    """Checksums of a state's CPU tensors, computed ahead on worker threads in the order
-    `write_tree` asks for them, so hashing overlaps HDF5's metadata work."""
-
-    def __init__(self, pool: Executor, trees: list[Any]) -> None:
-        self.jobs: dict[tuple[int, int], workers.Slot] = {}
-        batched = workers.Batched(pool, checksum)
-        stack = list(reversed(trees))
-        while stack:
-            node = stack.pop()
-            if isinstance(node, dict):
-                stack.extend(reversed(list(node.values())))
-            elif (
-                isinstance(node, torch.Tensor)
-                and node.device.type == "cpu"
-                and node.is_contiguous()  # a view of the tensor's memory, never a temporary
-                and node.numel()
-            ):
-                array = tensor_to_numpy(node)
-                if _key(array) not in self.jobs:
-                    self.jobs[_key(array)] = batched.submit(array, array.nbytes)
-        batched.flush()
-
-    def __call__(self, array: np.ndarray) -> str:
-        # The same memory and length: the same bytes (nothing writes the state while saving).
-        job = self.jobs.get(_key(array))
-        return job.result() if job is not None else checksum(array)
-
-
-def _key(array: np.ndarray) -> tuple[int, int]:
-    return (array.ctypes.data, array.nbytes)
 
 
 def _rel(name: str) -> str:

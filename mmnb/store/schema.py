@@ -24,7 +24,6 @@ from ..config import config_from_dict
 from ..model import MiniMind
 from ..objective import objective_for
 from ..train import METRIC_NAMES
-from . import workers
 from .errors import StoreError
 
 # torch dtypes a checkpoint may hold, and how their bits are stored (bf16 has no HDF5 type).
@@ -311,7 +310,6 @@ def _finite(tensor: Any) -> bool:
 
 def check_finite(state: dict[str, Any], step: int) -> None:
     """No non-finite weight or optimizer moment is ever committed."""
-    with workers.pool() as pool:
-        name = non_finite(state, mapper=lambda fn, items: workers.map_batched(pool, fn, items))
+    name = non_finite(state)
     if name is not None:
         raise StoreError(f"refusing to checkpoint step {step}: {name} is not finite")

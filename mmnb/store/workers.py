@@ -1,7 +1,8 @@
-"""Worker threads for the byte-level work on a checkpoint: checksums and finiteness checks.
+"""Worker threads for verifying a loaded checkpoint: checksums and finiteness checks.
 
 XXH3 (xxhash) and torch's reductions release the GIL, so while workers hash or check some
-tensors, the calling thread goes on with HDF5's metadata for the next ones.
+tensors, the calling thread goes on with HDF5's metadata for the next ones. (Saves do not use
+them: measured slower there on a 2-vCPU machine; see docs/performance.md.)
 A pool lives for one save or load only: no thread outlives the call, and a forked process
 (a DataLoader worker) never inherits a pool whose threads it does not have.
 """
