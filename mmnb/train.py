@@ -877,8 +877,12 @@ class Trainer:
             index = {n: i for i, n in enumerate(names)}
             self.optimizer.load_state_dict(
                 {
+                    # A loaded checkpoint's tensors are copy-on-write views of its file
+                    # (`Run.load`); the optimizer keeps the tensors it is given, so it gets its
+                    # own copies: training must not keep the file mapped (a checkpoint deleted
+                    # by retention would hold its space).
                     "state": {
-                        index[n]: {k: _whole(v) for k, v in s.items()}
+                        index[n]: _own({k: _whole(v) for k, v in s.items()})
                         for n, s in optim["state"].items()
                     },
                     "param_groups": [
@@ -899,6 +903,10 @@ class Trainer:
                 weight_decay=self.config.weight_decay,
             )
         self.load_counters(sd, restore_rng=restore_rng)
+
+
+def _own(slots: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in slots.items()}
 
 
 @contextlib.contextmanager
@@ -1025,7 +1033,7 @@ def _load_sharded(
         if hasattr(value, "read"):
             part = value.read((start, start + rows))
         else:
-            part = value[start : start + rows]
+            part = value[start : start + rows].clone()  # (not a view of a mapped file)
         return DTensor.from_local(
             part.to(target.device, target.dtype),
             target.device_mesh,

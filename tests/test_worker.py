@@ -51,9 +51,9 @@ def test_jobs_run_in_order_and_a_killed_worker_loses_nothing(tmp_path, micro):
     def add(verb, *argv, **kw):
         return q.add(commands.parse(verb, list(argv), store, taken=q.taken_names()), **kw)
 
-    a = add("train", "a", "--max-steps", "60", *opts)
+    a = add("train", "a", "--max-steps", "200", *opts)
     b = add("train", "b", "--max-steps", "15", *opts)
-    c = add("branch", "a", "--name", "c", "--lr", "1e-3", "--max-steps", "75", *branch_opts,
+    c = add("branch", "a", "--name", "c", "--lr", "1e-3", "--max-steps", "215", *branch_opts,
             after=[a.id])  # fmt: skip
     d = add("train", "d", *opts)
     e = add("branch", "d", *branch_opts, after=[d.id])
@@ -81,11 +81,11 @@ def test_jobs_run_in_order_and_a_killed_worker_loses_nothing(tmp_path, micro):
     assert jobs[b.id].started < jobs[a.id].started  # moved first
     assert jobs[c.id].started >= jobs[a.id].ended  # waited for a
     assert "adopted from a previous worker" in (tmp_path / "w2" / "stdout.log").read_text()
-    assert jobs[c.id].final == {"step": 75, "total": 75, "loss": store.run("c").latest().loss}
+    assert jobs[c.id].final == {"step": 215, "total": 215, "loss": store.run("c").latest().loss}
     ref = Store(tmp_path / "ref")
-    mmnb.train("a", store=ref, max_steps=60, save_every=5, **micro)
+    mmnb.train("a", store=ref, max_steps=200, save_every=5, **micro)
     mmnb.train("b", store=ref, max_steps=15, save_every=5, **micro)
-    mmnb.branch("a", name="c", store=ref, lr=1e-3, max_steps=75, save_every=5,
+    mmnb.branch("a", name="c", store=ref, lr=1e-3, max_steps=215, save_every=5,
                 **{k: v for k, v in micro.items() if k != "preset"})  # fmt: skip
     for name in "abc":
         assert_same_state(store.run(name).load(), ref.run(name).load())
@@ -95,7 +95,7 @@ def test_killed_and_stalled_jobs_restart_from_checkpoints_bitwise(tmp_path, micr
     store = Store(tmp_path / "store")
     q = Queue(store)
     command = commands.parse(
-        "train", ["a", "--max-steps", "90", "--save-every", "4", "--no-sample", *cli_args(micro)],
+        "train", ["a", "--max-steps", "400", "--save-every", "4", "--no-sample", *cli_args(micro)],
         store,
     )  # fmt: skip
     # The stall timeout leaves room for a resumed attempt's load and first step on a loaded CI
@@ -104,12 +104,16 @@ def test_killed_and_stalled_jobs_restart_from_checkpoints_bitwise(tmp_path, micr
     worker = Worker(store, poll=0.05)
     worker.acquire()
     rng = random.Random(11)
-    kills = sorted(rng.sample(range(6, 60), 3)) + [70]  # three SIGKILLs, then a SIGSTOP
+    # Three SIGKILLs, then a SIGSTOP, all far from the end: a micro step takes milliseconds, and
+    # the test must see each attempt training before it can kill it (a window of a few dozen
+    # steps was once missed under load, and the attempt finished first).
+    kills = sorted(rng.sample(range(6, 60), 3)) + [70]
     try:
         for attempt, at in enumerate(kills, 1):
 
             def reached() -> bool:
                 now = q.get(job.id)
+                assert now.state not in ENDED, f"job {now.state} after {now.attempts} attempts"
                 pid = now.process["pid"] if now.process else None
                 return now.attempts == attempt and _step(store, "a", pid) >= at  # noqa: B023
 
@@ -135,5 +139,5 @@ def test_killed_and_stalled_jobs_restart_from_checkpoints_bitwise(tmp_path, micr
     history = [e for e in history if e["kind"] == "restart"]  # (sessions: mmnb.dist records)
     assert [e["attempt"] for e in history] == [2, 3, 4, 5]
     ref = Store(tmp_path / "ref")
-    mmnb.train("a", store=ref, max_steps=90, save_every=4, **micro)
+    mmnb.train("a", store=ref, max_steps=400, save_every=4, **micro)
     assert_same_state(store.run("a").load(), ref.run("a").load())

@@ -50,7 +50,11 @@ def open_hard(group: h5py.Group, name: str) -> h5py.Group | h5py.Dataset:
     links = group.id.links
     if not links.exists(raw):
         raise UnsafeFile(f"{_where(group, name)} is missing")
-    kind = links.get_info(raw).type
+    return _open_link(group, name, raw, links.get_info(raw).type)
+
+
+def _open_link(group: h5py.Group, name: str, raw: bytes, kind: int) -> h5py.Group | h5py.Dataset:
+    """The object `raw` (link type `kind`) of `group` leads to, if it is a hard link."""
     if kind != h5py.h5l.TYPE_HARD:
         what = {h5py.h5l.TYPE_SOFT: "a soft link", h5py.h5l.TYPE_EXTERNAL: "an external link"}
         raise UnsafeFile(
@@ -122,9 +126,11 @@ def check_dataset(
     shape: tuple[int, ...],
     file_size: int,
     virtual_source: Callable[[str], str] | None = None,
-) -> None:
+) -> int | None:
     """Raise UnsafeFile unless `ds` is exactly (dtype, shape) with its bytes where they may be.
 
+    Returns the file offset of a non-empty contiguous dataset's bytes (checked to lie inside
+    the file's `file_size` bytes), None for any other dataset.
     `virtual_source(file_name)` checks a virtual dataset's source file (it must lie in the
     store and be a regular file) and returns its path; without it virtual datasets are refused.
     """
@@ -142,14 +148,15 @@ def check_dataset(
     layout = dcpl.get_layout()
     if layout == h5py.h5d.CONTIGUOUS:
         if nbytes == 0:
-            return
+            return None
         offset = ds.id.get_offset()
         if offset is None or ds.id.get_storage_size() != nbytes:
             # Unwritten storage would read as fill values: a silently different state.
             raise UnsafeFile(f"{where} has no stored data of {nbytes} bytes")
         if offset < 0 or offset + nbytes > file_size:
             raise UnsafeFile(f"{where} lies beyond the end of the file")
-    elif layout == h5py.h5d.COMPACT:
+        return offset
+    if layout == h5py.h5d.COMPACT:
         if nbytes > COMPACT_LIMIT:
             raise UnsafeFile(f"{where} is compact but declares {nbytes} bytes")
     elif layout == h5py.h5d.VIRTUAL:
@@ -158,6 +165,7 @@ def check_dataset(
         _check_virtual(ds, dcpl, dtype, virtual_source)
     else:
         raise UnsafeFile(f"{where} has an unsupported (chunked) layout")
+    return None
 
 
 def _check_virtual(
@@ -221,9 +229,14 @@ def walk(
             raise UnsafeFile(f"{g.name} is nested deeper than {max_depth} levels")
         if len(g) > max_nodes - count:
             raise UnsafeFile(f"{g.name} has too many members")
-        for name in list(g):
+        # Names and link types in one pass over the group (not three HDF5 calls per member).
+        links: list[tuple[bytes, int]] = []
+        g.id.links.iterate(lambda raw, info: links.append((raw, info.type)), info=True)
+        for raw, kind in links:
             count += 1
-            obj = open_hard(g, name)
+            name = raw.decode("utf-8")  # UnicodeDecodeError is a ValueError
+            _component(name)
+            obj = _open_link(g, name, raw, kind)
             path = f"{prefix}{name}"
             yield path, obj
             if isinstance(obj, h5py.Group):

@@ -13,7 +13,10 @@ anything is allocated (`h5guard`), so the JSON is under a checksum as much as th
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import h5py
@@ -21,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import h5guard, jsonio
+from . import h5guard, jsonio, workers
 
 # torch dtypes whose bits are stored under another numpy type
 _BIT_VIEWS = {torch.bfloat16: (torch.int16, np.uint16)}
@@ -161,6 +164,23 @@ def verify_array(path: str, array: np.ndarray, entry: dict[str, Any]) -> None:
             raise ChecksumError(f"checksum mismatch in /{path} (shard {block.file})")
 
 
+class Checks:
+    """Datasets' checksums computed on worker threads while the caller reads on."""
+
+    def __init__(self, pool: Executor) -> None:
+        self.batched = workers.Batched(pool, checksum)
+        self.jobs: list[tuple[str, str | None, workers.Slot]] = []
+
+    def add(self, path: str, array: np.ndarray, expected: str | None) -> None:
+        self.jobs.append((path, expected, self.batched.submit(array, array.nbytes)))
+
+    def wait(self) -> None:
+        """Raise ChecksumError for the first dataset (in reading order) that does not match."""
+        for path, expected, job in self.jobs:
+            if job.result() != expected:
+                raise ChecksumError(f"checksum mismatch in /{path}")
+
+
 def read_tree(
     objects: dict[str, h5py.Group | h5py.Dataset],
     manifest: dict[str, dict[str, Any]],
@@ -171,8 +191,15 @@ def read_tree(
     verify: bool = True,
     virtual_source: Callable[[str], str] | None = None,
     lazy: Callable[[str, Any, dict[str, Any]], Any] | None = None,
+    mapping: mmap.mmap | None = None,
+    checks: Checks | None = None,
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
+
+    With `mapping` (the whole file, mapped copy-on-write), a contiguous dataset's array is a
+    view of its bytes in the mapping instead of a copy read through HDF5 (zero-copy load);
+    other layouts are read as usual. With `checks`, the datasets' checksums are left to it
+    (`Checks.wait` raises for a mismatch) instead of computed here.
 
     `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
 
@@ -213,15 +240,22 @@ def read_tree(
         ds = objects.get(path)
         if not isinstance(ds, h5py.Dataset):
             raise h5guard.UnsafeFile(f"{path} is not a dataset")
-        h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)
+        offset = h5guard.check_dataset(ds, r.storage, r.shape, file_size, virtual_source)
         node = _node(tree, parent, prefix)
         if key in node:
             raise ValueError(f"/{path} is both a dataset and a json value")
         if lazy is not None and r.torch_dtype:
             node[key] = lazy(path, r, entry)
             continue
-        array = h5guard.read_array(ds, r.storage, r.shape)
-        if verify:
+        # Inside the file (checked above); element-aligned, as torch's kernels expect.
+        if mapping is not None and offset is not None and offset % r.storage.itemsize == 0:
+            count = math.prod(r.shape)
+            array = np.frombuffer(mapping, r.storage, count, offset).reshape(r.shape)
+        else:
+            array = h5guard.read_array(ds, r.storage, r.shape)  # (a sharded tensor: its shards)
+        if verify and checks is not None and "shards" not in entry:
+            checks.add(path, array, entry.get("xxh3"))
+        elif verify:
             verify_array(path, array, entry)
         node[key] = numpy_to_tensor(array, r.torch_dtype) if r.torch_dtype else array
     return tree
