@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import re
 import signal
 import time
@@ -142,11 +141,6 @@ def run_group(
         attachment.skip()
     except StoreError:
         pass
-    # The first checkpoint read in a process imports torch._dynamo (the store checks shapes
-    # against a model built on the meta device); the dashboard reads one as soon as the run
-    # appears. Import it now, before the job runs: Kernel → Interrupt landing inside that
-    # import would leave sympy half-imported and every later load in this kernel failing.
-    importlib.import_module("torch._dynamo")
     folder = jobs_folder(store) / KERNEL_JOBS
     ensure_private(folder)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{time.time_ns() % 10**6:06d}"

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable
@@ -595,6 +597,7 @@ def load_ipython_extension(ip: Any) -> None:
     """`%load_ext mmnb`; loading it again changes nothing."""
     if _loaded(ip) is not None:
         return
+    _preload_in_background()
     magics = MmnbMagics(ip)
     ip.register_magics(magics)
     from .jobmagics import JobMagics  # %attach, %queue, %pipeline
@@ -623,6 +626,23 @@ def unload_ipython_extension(ip: Any) -> None:
             for name in names:
                 ip.magics_manager.magics[kind].pop(name, None)
         ip.magics_manager.registry.pop(type(each).__name__, None)
+
+
+def _preload_in_background() -> None:
+    """Import `torch._dynamo` (and sympy under it) on a daemon thread.
+
+    The first checkpoint read in a process imports it (the store checks shapes against a model
+    built on the meta device), and so does `--compile`. In a kernel that import would otherwise
+    happen on the main thread while a cell runs, where Kernel → Interrupt can land inside it and
+    leave sympy half-imported: every later load in that kernel then fails. Signals reach only
+    the main thread, so an import on another thread always completes; a main thread that needs
+    the module meanwhile waits on the import lock, where an interrupt leaves nothing half-done.
+    """
+    if "torch._dynamo" in sys.modules:
+        return
+    threading.Thread(
+        target=importlib.import_module, args=("torch._dynamo",), name="mmnb-preload", daemon=True
+    ).start()
 
 
 def _short_tb(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:

@@ -78,6 +78,28 @@ def test_import_mmnb_does_not_import_ipython():
     assert out.stdout.strip() == "[]"
 
 
+def test_load_ext_imports_torch_dynamo_off_the_main_thread():
+    # A first checkpoint read imports torch._dynamo; on the main thread, Kernel → Interrupt could
+    # land inside that import and break every later load in the kernel (sympy half-imported).
+    code = (
+        "import sys, threading, time\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "ip = InteractiveShell.instance()\n"
+        "assert 'torch._dynamo' not in sys.modules\n"
+        "ip.run_line_magic('load_ext', 'mmnb')\n"  # returns while the import runs (~1 s)
+        "assert any(t.name == 'mmnb-preload' for t in threading.enumerate()), 'not started'\n"
+        "deadline = time.monotonic() + 120\n"
+        "while any(t.name == 'mmnb-preload' for t in threading.enumerate()):\n"
+        "    assert time.monotonic() < deadline\n"
+        "    time.sleep(0.05)\n"
+        "import torch.fx.experimental.symbolic_shapes\n"  # sympy's users, whole
+        "print('torch._dynamo' in sys.modules, 'sympy.core' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_load_twice_reload_and_unload(shell):
     hooks = shell.events.callbacks["post_run_cell"]
     before = len(hooks)
