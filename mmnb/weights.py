@@ -2,8 +2,10 @@
 another run's checkpoint (`RUN@STEP`) as a MiniMind state dict, a config and a tokenizer.
 
 `torch.load(weights_only=True)` of a `.pth` (or a folder's `pytorch_model.bin`) the user names
-is the only unpickling mmnb ever does: once, at import, and PyTorch's restricted unpickler
-refuses anything but tensors and plain containers. The file's SHA-256 goes into the new run's
+is the only unpickling of a file mmnb ever does: once, at import, and PyTorch's restricted
+unpickler refuses anything but tensors and plain containers. (The ranks of one distributed job
+exchange small values through torch.distributed's object collectives, which pickle; those bytes
+come from the job's own processes, never from a store: see docs/distributed.md.) The file's SHA-256 goes into the new run's
 lineage; from then on the run's own checkpoints hold the weights.
 
 The config is inferred from the tensor shapes where the source has none, and whatever the user

@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import confine
-from .ckptfile import read_summary
 from .errors import StoreError, reason
-from .run import PARSE_ERRORS, Run, _ckpt_step, _is_tmp
-from .runfile import CKPT_DIR, RUN_FILE, step_info
+from .run import PARSE_ERRORS, Run, _ckpt_step, _is_tmp, _unlisted_checkpoint
+from .runfile import CKPT_DIR, RUN_FILE
 from .store import STORE_FILES, Store, pid_alive, tmp_pid
 
 
@@ -104,10 +103,7 @@ def _run_garbage(store: Store, folder: Path, notes: list[str]) -> list[Garbage]:
         if step is None or step in listed:
             continue
         try:
-            confine.regular_file(path, "checkpoint")
-            info = step_info(read_summary(path))
-            if info.step != step or info.run != run.name:
-                raise ValueError(f"it holds step {info.step} of run {info.run!r}")
+            _unlisted_checkpoint(path, step, run.name)
         except (StoreError, *PARSE_ERRORS) as err:
             items.append(Garbage(path, f"an unreadable checkpoint no index lists ({reason(err)})"))
     missing = []

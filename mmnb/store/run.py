@@ -381,10 +381,7 @@ class Run:
             if match is None or match in known:
                 continue
             try:
-                confine.regular_file(entry, "checkpoint")
-                info = step_info(read_summary(entry))
-                if info.step != match or info.run != self.name:
-                    raise ValueError(f"it holds step {info.step} of run {info.run!r}")
+                info = _unlisted_checkpoint(entry, match, self.name)
             except (StoreError, *PARSE_ERRORS) as err:
                 warnings.warn(
                     f"checkpoint {entry} is unreadable ({reason(err)}); ignoring it", stacklevel=3
@@ -626,6 +623,16 @@ def _ckpt_step(name: str) -> int | None:
     if len(name) == 11 and name.endswith(".h5") and name[:8].isdigit():
         return int(name[:8])
     return None
+
+
+def _unlisted_checkpoint(path: Path, step: int, run: str) -> StepInfo:
+    """What a checkpoint file no index lists says it is, if it is step `step` of `run`;
+    raises (StoreError or a PARSE_ERROR) for anything else."""
+    confine.regular_file(path, "checkpoint")
+    info = step_info(read_summary(path))
+    if info.step != step or info.run != run:
+        raise ValueError(f"it holds step {info.step} of run {info.run!r}")
+    return info
 
 
 def _finite_or_none(values: np.ndarray) -> float | None:
