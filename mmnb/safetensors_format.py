@@ -13,7 +13,9 @@ import errno
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,16 +63,17 @@ def _pieces(tensor: Any) -> Iterator[memoryview]:
 
 
 class _Output:
-    """Sequential positioned writes to a file descriptor. `durable`: the bytes are handed to
-    the disk every WRITEBACK bytes while the rest is still being produced, so the fsync at the
-    end waits for the last few MiB instead of the whole file (write and disk overlap)."""
+    """Sequential positioned writes to a file descriptor. `durable`: every WRITEBACK bytes the
+    range written is handed to the disk while the rest is still being produced, so the fsync
+    at the end waits for the last few MiB instead of the whole file (write and disk overlap).
+    `close()` before the descriptor is closed."""
 
     def __init__(self, fd: int, durable: bool) -> None:
         self.fd, self.durable = fd, durable
         self.position = self.handed = 0
-        # POSIX_FADV_DONTNEED starts writeback of a range's dirty pages (and frees none of
-        # them while they are in flight); without it the fsync alone does all the work.
         self._writeback = durable and hasattr(os, "posix_fadvise")
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data)
@@ -81,14 +84,35 @@ class _Output:
             view = view[n:]
             self.position += n
         if self._writeback and self.position - self.handed >= WRITEBACK:
-            os.posix_fadvise(
-                self.fd, self.handed, self.position - self.handed, os.POSIX_FADV_DONTNEED
-            )
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_hand_to_disk, args=(self.fd, self._ranges), daemon=True
+                )
+                self._thread.start()
+            self._ranges.put((self.handed, self.position - self.handed))
             self.handed = self.position
 
+    def close(self) -> None:
+        if self._thread is not None:
+            self._ranges.put(None)
+            self._thread.join()
+            self._thread = None
+
     def finish(self) -> None:
+        self.close()
         if self.durable:
             os.fsync(self.fd)
+
+
+def _hand_to_disk(fd: int, ranges: queue.SimpleQueue[tuple[int, int] | None]) -> None:
+    """Start writing back each range handed over. POSIX_FADV_DONTNEED submits a range's dirty
+    pages (it frees none of them while they are in flight); submitting walks every page, so
+    it runs here, on another core, while the writer goes on."""
+    while (item := ranges.get()) is not None:
+        try:
+            os.posix_fadvise(fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only: the fsync at the end writes whatever this did not
 
 
 def write(
@@ -121,8 +145,8 @@ def write(
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    out = _Output(fd, durable)
     try:
-        out = _Output(fd, durable)
         out.write(struct.pack("<Q", len(blob)) + blob)
         for (name, tensor), size in zip(tensors.items(), sizes, strict=True):
             end = out.position + size
@@ -132,6 +156,7 @@ def write(
                 raise SafetensorsError(f"{name}: {out.position - end:+d} bytes against its shape")
         out.finish()
     finally:
+        out.close()
         os.close(fd)
     return 8 + len(blob) + offset
 

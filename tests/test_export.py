@@ -312,6 +312,7 @@ def test_an_export_that_fails_midway_leaves_no_partial_output(own_run, tmp_path,
     from mmnb.store import streamed
 
     monkeypatch.setattr(streamed, "CHUNK", 64)
+    monkeypatch.setattr(sf, "WRITEBACK", 256)  # the writeback thread runs, and is stopped
     store, run, _ = own_run
     real, calls = sf._Output.write, []
 
