@@ -86,7 +86,10 @@ class _Output:
         if self._writeback and self.position - self.handed >= WRITEBACK:
             if self._thread is None:
                 self._thread = threading.Thread(
-                    target=_hand_to_disk, args=(self.fd, self._ranges), daemon=True
+                    target=_hand_to_disk,
+                    args=(self.fd, self._ranges),
+                    name="mmnb-writeback",
+                    daemon=True,
                 )
                 self._thread.start()
             self._ranges.put((self.handed, self.position - self.handed))

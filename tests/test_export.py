@@ -273,6 +273,12 @@ def _leftovers(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != "store")
 
 
+def _writeback_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "mmnb-writeback"]
+
+
 def _flip_byte(path, dataset: str, at: int) -> None:
     import h5py
 
@@ -327,11 +333,11 @@ def test_an_export_that_fails_midway_leaves_no_partial_output(own_run, tmp_path,
     failure = KeyboardInterrupt()  # Kernel → Interrupt, or Ctrl-C on the command line
     with pytest.raises(KeyboardInterrupt):
         export(run, format=fmt, out=out)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [] and not _writeback_threads()
     failure, calls[:] = OSError(28, "No space left on device"), []  # a full disk: one line
     with pytest.raises(ValueError, match=r"^could not write .*out: disk full$"):
         export(run, format=fmt, out=out)
-    assert _leftovers(tmp_path) == []
+    assert _leftovers(tmp_path) == [] and not _writeback_threads()
     monkeypatch.setattr(sf._Output, "write", real)  # and then it works, chunk by chunk
     assert export(run, format=fmt, out=out).path == out
 
