@@ -429,7 +429,6 @@ class Run:
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
         step = int(state["trainer"]["step"])
-        schema.check_finite(state, step)
         index = self._index or []
         old = next((info for info in index if info.step == step), None)
         reasons = [r for r in reasons if r != "repair"]  # a repair keeps the file's own reasons
@@ -440,6 +439,7 @@ class Run:
                 old.reasons, old.tags = merged_reasons, merged_tags
                 self._write_index(f"the index of step {step}")
                 return old
+            schema.check_finite(state, step)  # before anything is moved aside
             if step not in self._moved_aside:  # (a sharded commit moved it before its shards)
                 self._quarantine(old, notify)
             self._moved_aside.discard(step)
@@ -467,7 +467,9 @@ class Run:
         shard_bytes: list[int] = []
         extra = None if shards is None else (lambda f, m: shard_bytes.append(shards(f, m)))
         try:
-            info.checksum = write_checkpoint(tmp, state, summary, extra=extra)
+            # No non-finite weight or moment is ever committed: checked while the bytes go out.
+            check = lambda: schema.check_finite(state, step)  # noqa: E731
+            info.checksum = write_checkpoint(tmp, state, summary, extra=extra, check=check)
             info.bytes = tmp.stat().st_size + sum(shard_bytes)
             os.replace(tmp, final)
             fsync_dir(final.parent)
