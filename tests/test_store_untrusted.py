@@ -322,7 +322,7 @@ def _fifo_lock(s, out):
 
 
 # case → (craft, what the StoreError says, the attempts that must be refused)
-CKPT, INDEX, LOCK = ("load", "mapped"), ("steps", "load", "writer"), ("writer",)
+CKPT, INDEX, LOCK = ("load", "mapped", "streamed"), ("steps", "load", "writer"), ("writer",)
 MALICIOUS = {
     "external link": (_external_link, "is an external link; refused", CKPT),
     "external raw storage": (_external_storage, "keeps its data in an external file", CKPT),
@@ -361,7 +361,7 @@ except OSError:
     pass
 for case, path in cases.items():
     said = []
-    for attempt in ("steps", "load", "writer", "mapped", "cli"):
+    for attempt in ("steps", "load", "writer", "mapped", "streamed", "cli"):
         try:
             if attempt == "cli":
                 err = io.StringIO()
@@ -374,8 +374,12 @@ for case, path in cases.items():
                 run.steps()
             elif attempt == "load":
                 run.load(2)
-            elif attempt == "mapped":  # the zero-copy reader of mmnb export
+            elif attempt == "mapped":  # the zero-copy reader of mmnb export --format minimind
                 run.mapped(2)
+            elif attempt == "streamed":  # export --format hf: every chunk, as a writer takes it
+                for source in (run.mapped(2, streamed=True) or {}).values():
+                    for _ in source.chunks():
+                        pass
             else:
                 run.open_writer()
                 run.close_writer()
@@ -434,7 +438,7 @@ def test_malicious_stores_are_refused_and_nothing_outside_is_opened(tmp_path, ba
     results = {r["case"]: r["said"] for r in map(json.loads, proc.stdout.splitlines())}
     assert results.keys() == MALICIOUS.keys()
     for case, (_, message, refused) in MALICIOUS.items():
-        attempts = ("steps", "load", "writer", "mapped", "cli")
+        attempts = ("steps", "load", "writer", "mapped", "streamed", "cli")
         said = dict(zip(attempts, results[case], strict=True))
         for attempt in refused:
             assert said[attempt].startswith(f"{attempt}: StoreError: "), (case, said)
