@@ -26,6 +26,7 @@ from . import lora
 from .config import ModelConfig, TrainConfig, config_from_dict
 from .model import MiniMind
 from .store import StoreError
+from .store.streamed import streamed_checkpoint
 
 if TYPE_CHECKING:
     from .store import Run, Store
@@ -101,7 +102,7 @@ def checkpoint_weights(
         if train_cfg.lora_rank:
             tensors = None
         else:
-            tensors = run.mapped(step, streamed=True) if streamed else _mapped(run, step)
+            tensors = streamed_checkpoint(run, step) if streamed else _mapped(run, step)
         if tensors is not None:
             return {k: tensors[k] for k in model_keys(model_cfg)}
     state, (model_cfg, train_cfg) = _load(run, step, _digest_, _depth)

@@ -352,6 +352,7 @@ AUDIT_CHILD = r"""
 import contextlib, io, json, sys, warnings
 from mmnb.cli import main
 from mmnb.store import Store, StoreError
+from mmnb.store.streamed import streamed_checkpoint
 
 warnings.simplefilter("ignore")
 cases = json.loads(sys.argv[1])
@@ -377,7 +378,7 @@ for case, path in cases.items():
             elif attempt == "mapped":  # the zero-copy reader of mmnb export --format minimind
                 run.mapped(2)
             elif attempt == "streamed":  # export --format hf: every chunk, as a writer takes it
-                for source in (run.mapped(2, streamed=True) or {}).values():
+                for source in (streamed_checkpoint(run, 2) or {}).values():
                     for _ in source.chunks():
                         pass
             else:

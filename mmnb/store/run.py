@@ -314,18 +314,14 @@ class Run:
             ) from None
         return state
 
-    def mapped(
-        self, step: int, group: str = "model", *, streamed: bool = False
-    ) -> dict[str, Any] | None:
+    def mapped(self, step: int, group: str = "model") -> dict[str, Any] | None:
         """Zero-copy, read-only views of `group`'s arrays of checkpoint `step` (checked like a
-        load; `mmnb.store.mapped`) or, `streamed`, sources that verify their bytes while they
-        are copied (`mmnb.store.streamed`); None when the file's layout does not allow it."""
+        load; `mmnb.store.mapped`), or None when the file's layout does not allow it."""
         from .mapped import mapped_group
-        from .streamed import streamed_group
 
         info = self.step_info(step)
         path = self.checkpoint_path(info)
-        return (streamed_group if streamed else mapped_group)(
+        return mapped_group(
             path,
             group,
             self._owner_config(info),

@@ -20,7 +20,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -30,6 +30,9 @@ from .ckptfile import layout
 from .errors import CorruptCheckpoint, reason
 from .h5state import numpy_to_tensor
 from .mapped import all_finite
+
+if TYPE_CHECKING:
+    from .run import Run
 
 CHUNK = 4 * 2**20  # bytes per read: stays in the CPU's cache between hash, check and write
 
@@ -202,4 +205,17 @@ def streamed_group(
     return out
 
 
-__all__ = ["CHUNK", "Streamed", "streamed_group", "whole"]
+def streamed_checkpoint(run: Run, step: int, group: str = "model") -> dict[str, Streamed] | None:
+    """`streamed_group` of checkpoint `step` of `run`, checked as `Run.load` checks it (the
+    file the index lists, of the step it says, under the config of the run that wrote it)."""
+    info = run.step_info(step)
+    return streamed_group(
+        run.checkpoint_path(info),
+        group,
+        run._owner_config(info),
+        expect_step=info.step,
+        expect_checksum=info.checksum,
+    )
+
+
+__all__ = ["CHUNK", "Streamed", "streamed_checkpoint", "streamed_group", "whole"]
