@@ -38,7 +38,8 @@ CHUNK = 4 * 2**20  # bytes per read: stays in the CPU's cache between hash, chec
 
 
 class _Reader:
-    """The checkpoint file and the one buffer every tensor of the group is read through."""
+    """The checkpoint file and the one buffer every tensor of the group is read through (so
+    one tensor's chunks are taken to the end before the next tensor's start)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -111,7 +112,7 @@ class Streamed:
         size = self.numel() * itemsize
         convert = self.dtype != getattr(torch, self.stored)
         hasher = xxhash.xxh3_64()
-        finite = True
+        finite = True  # so far
         if self.offset is None:  # HDF5 reads unwritten storage as zeros
             pieces: Iterator[memoryview] = iter([memoryview(bytearray(size))] if size else [])
         else:
