@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="minimind2-small, 5 rounds")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--levers", action="store_true", help="also time the design's levers")
+    parser.add_argument("--raw", action="store_true", help="print every round's time too")
     args = parser.parse_args()
     preset = "minimind2-small" if args.quick else "minimind2"
     rounds = args.rounds or (5 if args.quick else 7)
@@ -178,6 +179,8 @@ def main() -> None:
     width = max(map(len, methods))
     for name, values in times.items():
         print(f"{name:<{width}}  {benchlib.spread(values)} s  (median, range; n={len(values)})")
+        if args.raw:
+            print(f"{'':<{width}}  rounds: {' '.join(f'{v:.3f}' for v in values)}")
     base = times["save_pretrained + fsync"]
     print()
     for name in methods:

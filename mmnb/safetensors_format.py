@@ -43,6 +43,7 @@ class SafetensorsError(ValueError):
 
 
 WRITEBACK = 16 * 2**20  # bytes after which the disk is asked to start writing them
+IN_FLIGHT = 2  # pieces queued for the writer thread (see `_Output`)
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
@@ -63,59 +64,81 @@ def _pieces(tensor: Any) -> Iterator[memoryview]:
 
 
 class _Output:
-    """Sequential positioned writes to a file descriptor. `durable`: every WRITEBACK bytes the
-    range written is handed to the disk while the rest is still being produced, so the fsync
-    at the end waits for the last few MiB instead of the whole file (write and disk overlap).
-    `close()` before the descriptor is closed."""
+    """A file written front to back by a writer thread, while the caller produces the next
+    piece (reads and verifies it): the two run on two cores. `write` queues a piece and
+    blocks while IN_FLIGHT wait; a piece must stay unchanged until IN_FLIGHT + 1 more have
+    been queued (`mmnb.store.streamed` reads through a ring of that many buffers). A write
+    error is raised by the next `write` or by `finish`. `close()` before closing the file.
+
+    `durable`: the thread hands each WRITEBACK bytes written to the disk at once (starting
+    their writeback) while the rest is still being produced, so the fsync in `finish` waits
+    for the last few MiB instead of the whole file: writing and the disk overlap."""
 
     def __init__(self, fd: int, durable: bool) -> None:
         self.fd, self.durable = fd, durable
-        self.position = self.handed = 0
-        self._writeback = durable and hasattr(os, "posix_fadvise")
-        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self.position = 0  # bytes queued
+        self._queue: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(IN_FLIGHT)
+        self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
 
     def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data)
-        while len(view):
-            n = os.pwrite(self.fd, view, self.position)
-            if n <= 0:  # a short write that made no progress: the disk is full
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            view = view[n:]
-            self.position += n
-        if self._writeback and self.position - self.handed >= WRITEBACK:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=_hand_to_disk,
-                    args=(self.fd, self._ranges),
-                    name="mmnb-writeback",
-                    daemon=True,
-                )
-                self._thread.start()
-            self._ranges.put((self.handed, self.position - self.handed))
-            self.handed = self.position
-
-    def close(self) -> None:
-        if self._thread is not None:
-            self._ranges.put(None)
-            self._thread.join()
-            self._thread = None
+        if self._error is not None:
+            raise self._error
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="mmnb-safetensors-writer", daemon=True
+            )
+            self._thread.start()
+        view = memoryview(data).cast("B")
+        self._queue.put((self.position, view))
+        self.position += len(view)
 
     def finish(self) -> None:
         self.close()
+        if self._error is not None:
+            raise self._error
         if self.durable:
             os.fsync(self.fd)
 
+    def close(self) -> None:
+        """Stop the writer thread once it has written (or, after an error, dropped) the
+        pieces queued."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
 
-def _hand_to_disk(fd: int, ranges: queue.SimpleQueue[tuple[int, int] | None]) -> None:
-    """Start writing back each range handed over. POSIX_FADV_DONTNEED submits a range's dirty
-    pages (it frees none of them while they are in flight); submitting walks every page, so
-    it runs here, on another core, while the writer goes on."""
-    while (item := ranges.get()) is not None:
-        try:
-            os.posix_fadvise(fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass  # advice only: the fsync at the end writes whatever this did not
+    def _run(self) -> None:
+        # Never prints (contract 7): the first failure is kept for the caller to raise.
+        handed = 0
+        writeback = self.durable and hasattr(os, "posix_fadvise")
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so the caller's puts never block
+            offset, view = item
+            try:
+                _pwrite_all(self.fd, view, offset)
+            except BaseException as err:
+                self._error = err
+                continue
+            end = offset + len(view)
+            if writeback and end - handed >= WRITEBACK:
+                # POSIX_FADV_DONTNEED starts writeback of the range's dirty pages (and frees
+                # none of them while they are in flight).
+                try:
+                    os.posix_fadvise(self.fd, handed, end - handed, os.POSIX_FADV_DONTNEED)
+                except OSError:
+                    pass  # advice only: the fsync writes whatever this did not
+                handed = end
+            del item, view  # the piece's buffer may be reused from here on
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:  # a short write that made no progress: the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 def write(

@@ -276,7 +276,7 @@ def _leftovers(folder) -> list[str]:
 def _writeback_threads() -> list:
     import threading
 
-    return [t for t in threading.enumerate() if t.name == "mmnb-writeback"]
+    return [t for t in threading.enumerate() if t.name == "mmnb-safetensors-writer"]
 
 
 def _flip_byte(path, dataset: str, at: int) -> None:
@@ -318,7 +318,7 @@ def test_an_export_that_fails_midway_leaves_no_partial_output(own_run, tmp_path,
     from mmnb.store import streamed
 
     monkeypatch.setattr(streamed, "CHUNK", 64)
-    monkeypatch.setattr(sf, "WRITEBACK", 256)  # the writeback thread runs, and is stopped
+    monkeypatch.setattr(sf, "WRITEBACK", 256)  # the writer thread hands ranges to the disk
     store, run, _ = own_run
     real, calls = sf._Output.write, []
 
@@ -378,7 +378,7 @@ def test_a_killed_export_never_leaves_a_partial_folder_under_its_name(own_run, t
     assert export(run, format="hf", out=out).path == out  # the leftover is in no one's way
 
 
-@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])  # fp32: the pieces are the ring's
 def test_a_streamed_export_converts_chunk_by_chunk_exactly(own_run, tmp_path, monkeypatch, dtype):
     from mmnb import safetensors_format as sf
     from mmnb.export import DTYPES

@@ -35,22 +35,25 @@ if TYPE_CHECKING:
     from .run import Run
 
 CHUNK = 4 * 2**20  # bytes per read: stays in the CPU's cache between hash, check and write
+# A piece stays valid while the next RING - 1 are taken: a writer may still be writing the
+# pieces it queued (`safetensors_format._Output` keeps up to IN_FLIGHT + 1 = 3 in flight).
+RING = 4
 
 
 class _Reader:
-    """The checkpoint file and the one buffer every tensor of the group is read through (so
-    one tensor's chunks are taken to the end before the next tensor's start)."""
+    """The checkpoint file and the ring of buffers every tensor of the group is read through
+    (so one tensor's chunks are taken to the end before the next tensor's start)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._buffer: np.ndarray | None = None
+        self._ring: list[memoryview] = []
+        self._turn = 0
 
     def chunks(self, offset: int, size: int, step: int) -> Iterator[memoryview]:
-        """`size` bytes from `offset` in pieces of at most `step` bytes, each valid until the
-        next is taken."""
-        if self._buffer is None:
-            self._buffer = np.empty(CHUNK, dtype=np.uint8)
-        buffer = memoryview(self._buffer)
+        """`size` bytes from `offset` in pieces of at most `step` bytes, each valid until
+        RING - 1 more have been taken."""
+        if not self._ring:
+            self._ring = [memoryview(np.empty(CHUNK, dtype=np.uint8)) for _ in range(RING)]
         fd = self._call(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             # A larger readahead window: on a cold cache the disk reads ahead while the chunks
@@ -61,6 +64,8 @@ class _Reader:
             end = offset + size
             while offset < end:
                 n = min(step, end - offset)
+                buffer = self._ring[self._turn]
+                self._turn = (self._turn + 1) % RING
                 got = 0
                 while got < n:
                     k = self._call(os.preadv, fd, [buffer[got:n]], offset + got)
@@ -105,7 +110,7 @@ class Streamed:
         return math.prod(self.shape)
 
     def chunks(self) -> Iterator[memoryview]:
-        """The tensor's bytes as `dtype`, in pieces valid until the next is taken; raises
+        """The tensor's bytes as `dtype`, in pieces valid until RING - 1 more are taken; raises
         CorruptCheckpoint after the last piece if the stored bytes do not match their
         checksum or hold non-finite weights."""
         itemsize = self.storage.itemsize
