@@ -17,12 +17,12 @@ round (the order rotates) and every ratio is paired within its round:
 - save_pretrained + fsync (memory -> folder): the `LlamaForCausalLM` transformers loads from
   the export, saved to a new folder, then every file it wrote, the folder and its parent
   fsynced — the durability export gives. It reads nothing, so it has no cold case.
-- for reference, not a target: save_pretrained without fsync, and export's writer alone
-  (`write_hf` from a state dict in memory, fsynced like export).
+- for reference, not a target: save_pretrained without fsync.
 
 `--levers` adds export (warm) with the design's choices undone one at a time: 1 MiB and
 16 MiB read chunks instead of 4 MiB, and no early writeback (the fsync at the end does it all).
-Every output is deleted and the disk synced between methods, untimed.
+Every output is deleted and the disk synced between methods, untimed; one untimed round of
+every method precedes the timed ones.
 """
 
 from __future__ import annotations
@@ -40,10 +40,8 @@ import torch
 import benchlib
 import mmnb
 from mmnb import safetensors_format
-from mmnb.export import export, write_hf
-from mmnb.frozen import checkpoint_weights
+from mmnb.export import export
 from mmnb.store import streamed
-from mmnb.tokenizer import Tokenizer
 
 TARGET = "export (store -> folder, warm) / (save_pretrained + fsync) < 1"
 
@@ -104,12 +102,9 @@ def main() -> None:
         start=False,
     )  # fmt: skip
     ckpt = run.checkpoint_path(run.step_info(0))
-    cfg = mmnb.load_model(run)[0].config
-    tokenizer = Tokenizer.from_json(run.tokenizer_json())
-    state = checkpoint_weights(run, 0)
-    params = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
     reference = export(run, format="hf", out=work / "reference")
     model = AutoModelForCausalLM.from_pretrained(reference.path)
+    params = sum(p.numel() for p in model.parameters())  # the tied head once
     out = work / "out"
 
     def settle() -> None:
@@ -150,16 +145,11 @@ def main() -> None:
 
         return method
 
-    def writer_alone() -> float:
-        settle()
-        return _timed(lambda: write_hf(state, cfg, tokenizer, out, torch.float32))
-
     methods: dict[str, Callable[[], float]] = {
         "export, warm (store -> folder)": ours(cold=False),
         "export, cold (store -> folder)": ours(cold=True),
         "save_pretrained + fsync": theirs(durable=True),
         "save_pretrained, no fsync": theirs(durable=False),
-        "export's writer alone (memory)": writer_alone,
     }
     if args.levers:
         methods["lever: 1 MiB chunks (warm)"] = ours(cold=False, CHUNK=2**20)
@@ -174,6 +164,8 @@ def main() -> None:
         f"model: {preset}, {params / 1e6:.1f}M parameters, fp32 "
         f"({ckpt.stat().st_size / 2**20:.0f} MiB checkpoint), {type(model).__name__}"
     )
+    for method in methods.values():  # one untimed round: the first of each ran slow here
+        method()
     times = benchlib.alternate(methods, rounds)
     settle()
     width = max(map(len, methods))

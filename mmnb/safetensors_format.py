@@ -70,25 +70,38 @@ class _Output:
     been queued (`mmnb.store.streamed` reads through a ring of that many buffers). A write
     error is raised by the next `write` or by `finish`. `close()` before closing the file.
 
-    `durable`: the thread hands each WRITEBACK bytes written to the disk at once (starting
-    their writeback) while the rest is still being produced, so the fsync in `finish` waits
-    for the last few MiB instead of the whole file: writing and the disk overlap."""
+    `durable`: each WRITEBACK bytes written are handed to the disk at once (their writeback
+    started) while the rest is still being produced, so the fsync in `finish` waits for the
+    last few MiB instead of the whole file: writing and the disk overlap. Starting writeback
+    blocks while the device's queue is full, so a third thread does it: the writer never
+    waits for the disk."""
 
     def __init__(self, fd: int, durable: bool) -> None:
         self.fd, self.durable = fd, durable
         self.position = 0  # bytes queued
         self._queue: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(IN_FLIGHT)
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     def write(self, data: memoryview | bytes) -> None:
         if self._error is not None:
             raise self._error
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._run, name="mmnb-safetensors-writer", daemon=True
-            )
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._run, name="mmnb-safetensors-writer", daemon=True)
+            ]
+            if self.durable and hasattr(os, "posix_fadvise"):
+                self._threads.append(
+                    threading.Thread(
+                        target=_hand_to_disk,
+                        args=(self.fd, self._ranges),
+                        name="mmnb-safetensors-writeback",
+                        daemon=True,
+                    )
+                )
+            for thread in self._threads:
+                thread.start()
         view = memoryview(data).cast("B")
         self._queue.put((self.position, view))
         self.position += len(view)
@@ -101,17 +114,20 @@ class _Output:
             os.fsync(self.fd)
 
     def close(self) -> None:
-        """Stop the writer thread once it has written (or, after an error, dropped) the
+        """Stop the threads once the writer has written (or, after an error, dropped) the
         pieces queued."""
-        if self._thread is not None:
+        if self._threads:
             self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+            self._threads[0].join()
+            self._ranges.put(None)
+            for thread in self._threads[1:]:
+                thread.join()
+            self._threads = []
 
     def _run(self) -> None:
         # Never prints (contract 7): the first failure is kept for the caller to raise.
         handed = 0
-        writeback = self.durable and hasattr(os, "posix_fadvise")
+        writeback = len(self._threads) > 1
         while (item := self._queue.get()) is not None:
             if self._error is not None:
                 continue  # drain, so the caller's puts never block
@@ -123,14 +139,19 @@ class _Output:
                 continue
             end = offset + len(view)
             if writeback and end - handed >= WRITEBACK:
-                # POSIX_FADV_DONTNEED starts writeback of the range's dirty pages (and frees
-                # none of them while they are in flight).
-                try:
-                    os.posix_fadvise(self.fd, handed, end - handed, os.POSIX_FADV_DONTNEED)
-                except OSError:
-                    pass  # advice only: the fsync writes whatever this did not
+                self._ranges.put((handed, end - handed))
                 handed = end
             del item, view  # the piece's buffer may be reused from here on
+
+
+def _hand_to_disk(fd: int, ranges: queue.SimpleQueue[tuple[int, int] | None]) -> None:
+    """Start writing back each range handed over: POSIX_FADV_DONTNEED submits a range's dirty
+    pages (and frees none of them while they are in flight)."""
+    while (item := ranges.get()) is not None:
+        try:
+            os.posix_fadvise(fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only: the fsync writes whatever this did not
 
 
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
