@@ -154,6 +154,18 @@ def _hand_to_disk(fd: int, ranges: queue.SimpleQueue[tuple[int, int] | None]) ->
             pass  # advice only: the fsync writes whatever this did not
 
 
+def _allocate(fd: int, size: int) -> None:
+    """Allocate the file's blocks up front: a full disk fails before anything is written, and
+    writeback started while the writer goes on has no blocks to allocate (on ext4 that
+    allocation held locks the writer then waited for, 0.12 s or 0.9 s for the same 416 MB)."""
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+
 def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
@@ -194,6 +206,7 @@ def write(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     out = _Output(fd, durable)
     try:
+        _allocate(fd, 8 + len(blob) + offset)
         out.write(struct.pack("<Q", len(blob)) + blob)
         for (name, tensor), size in zip(tensors.items(), sizes, strict=True):
             end = out.position + size
