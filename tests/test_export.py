@@ -276,7 +276,7 @@ def _leftovers(folder) -> list[str]:
 def _writeback_threads() -> list:
     import threading
 
-    return [t for t in threading.enumerate() if t.name == "mmnb-safetensors-writer"]
+    return [t for t in threading.enumerate() if t.name.startswith("mmnb-safetensors-")]
 
 
 def _flip_byte(path, dataset: str, at: int) -> None:
