@@ -306,12 +306,13 @@ class Dashboard:
             keep = next(i for i, s in enumerate(h["step"]) if s >= step)
             for values in h.values():
                 del values[keep:]
-        for key, value in zip(
-            ("step", "loss", "lr", "grad_norm", "tokens", "clock"),
-            (step, loss, lr, grad_norm, tokens, clock),
-            strict=True,
-        ):
-            h[key].append(float(value))
+        # One append per column (this runs at every step, in the training thread).
+        h["step"].append(float(step))
+        h["loss"].append(float(loss))
+        h["lr"].append(float(lr))
+        h["grad_norm"].append(float(grad_norm))
+        h["tokens"].append(float(tokens))
+        h["clock"].append(float(clock))
 
     # ---- rendering (prepared under the lock, drawn on the render thread) ----
     def _horizon(self) -> float | None:
@@ -342,8 +343,9 @@ class Dashboard:
         return draws
 
     def _draw_text(self, bar: tuple[int, int, str], label: str) -> None:
-        # The bar's max first: a value above the old max would be clipped.
-        self.bar.max, self.bar.value, self.bar.bar_style = bar
+        with self.bar.hold_sync():  # one comm message for the bar's three traits
+            # The bar's max first: a value above the old max would be clipped.
+            self.bar.max, self.bar.value, self.bar.bar_style = bar
         self.label.value = label
 
     def _view_changed(self) -> None:

@@ -86,7 +86,8 @@ class Renderer:
         """The state changed; the kinds in `force` are drawn at once, throttles aside."""
         with self._cond:
             self._seq += 1
-            self._force.update(force)
+            if force:
+                self._force.update(force)
             if self._thread is None:
                 self._launch()
             elif force or self._idle:
@@ -209,6 +210,10 @@ class Renderer:
                     # Wait `interval`, or long enough that this draw is `budget` of the time.
                     self._next[kind] = started + max(self.intervals[kind], cost / self.budget)
                 self.thread_ids.add(threading.get_ident())
+                pending = any(seen < self._seq for seen in self._drawn.values())
+                if not pending and self._ended():
+                    self._finish(me)  # gone before a flush waiting for this draw returns
+                    return
                 self._cond.notify_all()
 
     def _finish(self, me: threading.Thread) -> None:
