@@ -1,81 +1,107 @@
 """Export to a Hugging Face folder, side by side with transformers' own save_pretrained.
 
-    python benchmarks/bench_export.py            # minimind2 (104M), 7 rounds
-    python benchmarks/bench_export.py --quick    # minimind2-small (26M), 5 rounds
+    flock /tmp/mmnb-bench.lock python benchmarks/bench_export.py           # minimind2, 7 rounds
+    flock /tmp/mmnb-bench.lock python benchmarks/bench_export.py --quick   # minimind2-small, 5
+    flock /tmp/mmnb-bench.lock python benchmarks/bench_export.py --levers  # + the design's levers
 
-Target: `mmnb export --format hf` of a minimind2 checkpoint takes less time than
-`save_pretrained` of the same model already in memory. The rounds alternate the methods:
+Target: `mmnb export --format hf` of a minimind2 (104M) checkpoint takes less time than
+`save_pretrained` of the same model, with the same durability. The methods alternate in every
+round (the order rotates) and every ratio is paired within its round:
 
-- export (store → folder): `mmnb.export.export`, reading the checkpoint from the store (HDF5,
-  checksums verified) and writing config, safetensors and tokenizer files;
-- write only (memory → folder): `mmnb.export.write_hf` from a state dict in memory, the same
-  work as save_pretrained;
-- save_pretrained: the `LlamaForCausalLM` transformers loads from the export, saved again.
+- export (store -> folder): `mmnb.export.export` as `mmnb export` runs it once its imports are
+  done: open the store and the run, check the checkpoint's manifest and layout, stream every
+  tensor from the checkpoint file into model.safetensors verifying its checksum and
+  finiteness on the way, write config, generation config and tokenizer files, fsync them,
+  rename the folder into place and fsync its parent. Warm: the checkpoint file is in the page
+  cache (read once before timing); cold: its pages are dropped first (posix_fadvise DONTNEED).
+- save_pretrained + fsync (memory -> folder): the `LlamaForCausalLM` transformers loads from
+  the export, saved to a new folder, then every file it wrote, the folder and its parent
+  fsynced — the durability export gives. It reads nothing, so it has no cold case.
+- for reference, not a target: save_pretrained without fsync, and export's writer alone
+  (`write_hf` from a state dict in memory, fsynced like export).
 
-Warm rounds read the checkpoint from the page cache; cold rounds first evict the checkpoint
-file from it (posix_fadvise DONTNEED; outputs are never fsynced by either side). Prints
-medians and ranges, the ratios, and the machine.
+`--levers` adds export (warm) with the design's choices undone one at a time: 1 MiB and
+16 MiB read chunks instead of 4 MiB, and no early writeback (the fsync at the end does it all).
+Every output is deleted and the disk synced between methods, untimed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
-import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+import benchlib
 import mmnb
+from mmnb import safetensors_format
 from mmnb.export import export, write_hf
 from mmnb.frozen import checkpoint_weights
+from mmnb.store import streamed
 from mmnb.tokenizer import Tokenizer
 
+TARGET = "export (store -> folder, warm) / (save_pretrained + fsync) < 1"
 
-def _evict(path: Path) -> None:
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _timed(fn, *args, **kwargs) -> float:
+def _fsync_folder(folder: Path) -> None:
+    """What export does for durability: every file, the folder, and the folder's parent."""
+    for file in folder.iterdir():
+        _fsync(file)
+    _fsync(folder)
+    _fsync(folder.parent)
+
+
+def _read_through(path: Path) -> None:
+    """Bring a file into the page cache (untimed)."""
+    with open(path, "rb", buffering=0) as f:
+        while f.read(16 * 2**20):
+            pass
+
+
+def _timed(fn: Callable[[], object]) -> float:
     t0 = time.perf_counter()
-    fn(*args, **kwargs)
+    fn()
     return time.perf_counter() - t0
-
-
-def _summary(name: str, times: list[float]) -> str:
-    return (
-        f"{name:<34} median {statistics.median(times):6.3f} s  "
-        f"range {min(times):.3f}-{max(times):.3f} s  (n={len(times)})"
-    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="minimind2-small, 5 rounds")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--levers", action="store_true", help="also time the design's levers")
     args = parser.parse_args()
     preset = "minimind2-small" if args.quick else "minimind2"
     rounds = args.rounds or (5 if args.quick else 7)
     try:
         from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise SystemExit(
             "this benchmark compares against transformers: pip install transformers"
         ) from None
+    hf_logging.disable_progress_bar()  # its bars would interleave with the figures
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(tempfile.mkdtemp(prefix="mmnb-bench-export-"))
     os.environ.setdefault("MMNB_CACHE", str(work / "cache"))
-    store = mmnb.Store(work / "store")
-    run = mmnb.train("m", store=store, preset=preset, max_seq_len=64, batch_size=1, start=False)
+    store_path = work / "store"
+    run = mmnb.train(
+        "m", store=mmnb.Store(store_path), preset=preset, max_seq_len=64, batch_size=1,
+        start=False,
+    )  # fmt: skip
     ckpt = run.checkpoint_path(run.step_info(0))
     cfg = mmnb.load_model(run)[0].config
     tokenizer = Tokenizer.from_json(run.tokenizer_json())
@@ -83,49 +109,88 @@ def main() -> None:
     params = sum(t.numel() for k, t in state.items() if k != "lm_head.weight")
     reference = export(run, format="hf", out=work / "reference")
     model = AutoModelForCausalLM.from_pretrained(reference.path)
+    out = work / "out"
 
-    times: dict[str, list[float]] = {
-        "export, warm (store -> folder)": [],
-        "export, cold (store -> folder)": [],
-        "write only (memory -> folder)": [],
-        "save_pretrained (memory -> folder)": [],
-    }
-    for i in range(rounds):
-        # Alternate which side goes first, so neither always meets a busier disk.
-        order = ["ours", "theirs"] if i % 2 == 0 else ["theirs", "ours"]
-        for side in order:
-            out = work / f"out-{side}"
-            if side == "ours":
-                _evict(ckpt)
-                times["export, cold (store -> folder)"].append(
-                    _timed(export, run, format="hf", out=out)
-                )
-                shutil.rmtree(out)
-                times["export, warm (store -> folder)"].append(
-                    _timed(export, run, format="hf", out=out)
-                )
-                shutil.rmtree(out)
-                times["write only (memory -> folder)"].append(
-                    _timed(write_hf, state, cfg, tokenizer, out, torch.float32)
-                )
+    def settle() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()  # nothing of one method's writes is still in flight during the next
+
+    def export_from_store() -> None:
+        export(mmnb.Store(store_path).run("m"), format="hf", out=out)
+
+    def ours(cold: bool, **levers: int) -> Callable[[], float]:
+        def method() -> float:
+            settle()
+            if cold:
+                benchlib.drop_page_cache(ckpt)
             else:
-                times["save_pretrained (memory -> folder)"].append(
-                    _timed(model.save_pretrained, out)
-                )
-            shutil.rmtree(out)
+                _read_through(ckpt)
+            saved = {key: getattr(_LEVERS[key], key) for key in levers}
+            for key, value in levers.items():
+                setattr(_LEVERS[key], key, value)
+            try:
+                return _timed(export_from_store)
+            finally:
+                for key, value in saved.items():
+                    setattr(_LEVERS[key], key, value)
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    theirs = med["save_pretrained (memory -> folder)"]
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")  # fmt: skip
-    print(f"model: {preset}, {params / 1e6:.1f}M parameters, fp32, {type(model).__name__}")
+        return method
+
+    def theirs(durable: bool) -> Callable[[], float]:
+        def method() -> float:
+            settle()
+
+            def save() -> None:
+                model.save_pretrained(out)
+                if durable:
+                    _fsync_folder(out)
+
+            return _timed(save)
+
+        return method
+
+    def writer_alone() -> float:
+        settle()
+        return _timed(lambda: write_hf(state, cfg, tokenizer, out, torch.float32))
+
+    methods: dict[str, Callable[[], float]] = {
+        "export, warm (store -> folder)": ours(cold=False),
+        "export, cold (store -> folder)": ours(cold=True),
+        "save_pretrained + fsync": theirs(durable=True),
+        "save_pretrained, no fsync": theirs(durable=False),
+        "export's writer alone (memory)": writer_alone,
+    }
+    if args.levers:
+        methods["lever: 1 MiB chunks (warm)"] = ours(cold=False, CHUNK=2**20)
+        methods["lever: 16 MiB chunks (warm)"] = ours(cold=False, CHUNK=16 * 2**20)
+        methods["lever: no early writeback (warm)"] = ours(cold=False, WRITEBACK=2**62)
+
+    benchlib.header(
+        f"mmnb export --format hf vs transformers save_pretrained ({preset})",
+        [TARGET, "durability: both sides fsync every file they write (mmnb always does)"],
+    )
+    print(
+        f"model: {preset}, {params / 1e6:.1f}M parameters, fp32 "
+        f"({ckpt.stat().st_size / 2**20:.0f} MiB checkpoint), {type(model).__name__}"
+    )
+    times = benchlib.alternate(methods, rounds)
+    settle()
+    width = max(map(len, methods))
     for name, values in times.items():
-        print(_summary(name, values))
-    print(f"export warm / save_pretrained: {med['export, warm (store -> folder)'] / theirs:.2f}"
-          "  (target < 1)")  # fmt: skip
-    print(f"export cold / save_pretrained: {med['export, cold (store -> folder)'] / theirs:.2f}")
-    print(f"write only / save_pretrained:  {med['write only (memory -> folder)'] / theirs:.2f}")
+        print(f"{name:<{width}}  {benchlib.spread(values)} s  (median, range; n={len(values)})")
+    base = times["save_pretrained + fsync"]
+    print()
+    for name in methods:
+        if name != "save_pretrained + fsync":
+            ratio = benchlib.ratios(times[name], base)
+            print(f"{name:<{width}}  / save_pretrained + fsync: {benchlib.spread(ratio, '{:.2f}')}")
+    ratio = benchlib.median(benchlib.ratios(times["export, warm (store -> folder)"], base))
+    print(f"\ntarget {TARGET}: {ratio:.2f}, {'met' if ratio < 1 else 'NOT met'}")
+    benchlib.footer()
     shutil.rmtree(work, ignore_errors=True)
+
+
+_LEVERS = {"CHUNK": streamed, "WRITEBACK": safetensors_format}  # constant -> its module
 
 
 if __name__ == "__main__":

@@ -12,8 +12,13 @@ A LoRA checkpoint exports its adapters merged into its base with `merge_lora`; w
 `minimind` writes the adapters alone as MiniMind's `save_lora` does (`….lora.A/B.weight`,
 the scale folded into B) and `safetensors` the adapters with their base reference.
 
-Outputs are written under a temporary name and renamed into place; an existing target is
-refused, never overwritten.
+Outputs are written under a temporary name next to the target, fsynced, and renamed into place
+(the folder fsynced too), so the target is complete and durable or absent; an existing target
+is refused, never overwritten. For `hf` and `safetensors` each tensor's bytes are read once
+from the checkpoint file and verified against their checksum as they are written
+(`mmnb.store.streamed`): a corrupt checkpoint fails the export with one line naming the file
+and the temporary output is removed; `minimind` writes from a map of the file whose checksums
+were verified first (`torch.save` wants whole tensors).
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from . import safetensors_format as sf
 from .config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
 from .frozen import checkpoint_weights
 from .store import Run
+from .store.errors import describe_os_error
+from .store.runfile import fsync_dir
+from .store.streamed import Streamed
 from .tokenizer import Tokenizer
 
 FORMATS = ("minimind", "hf", "safetensors")
@@ -87,14 +95,16 @@ def export(
     elif merge_lora and not train_cfg.lora_rank:
         raise ValueError(f"--merge-lora: run {run.name!r} has no LoRA adapters to merge")
     else:
-        # A LoRA checkpoint: adapters merged into its base. Otherwise views of the checkpoint
-        # file's bytes (mmap, checksums verified): exporting is one write, not read+copy+write.
-        state = checkpoint_weights(run, step, mapped=True)
+        # A LoRA checkpoint: adapters merged into its base. Otherwise the checkpoint file's
+        # bytes are passed on, never copied into tensors: streamed (verified while written)
+        # into safetensors; for torch.save, an mmap verified first.
+        state = checkpoint_weights(
+            run, step, mapped=format == "minimind", streamed=format != "minimind"
+        )
     tokenizer = Tokenizer.from_json(run.tokenizer_json())
-    arch = None
-    if format == "minimind":
-        size = write_minimind(state, target, DTYPES[dtype])
-    elif format == "safetensors":
+    arch = hf.architecture(model_cfg) if format == "hf" else None
+    meta = {}
+    if format == "safetensors":
         meta = {
             "run": run.name,
             "step": str(step),
@@ -103,10 +113,15 @@ def export(
         }
         if adapters_only:  # the base they belong to, and their scale alpha / rank
             meta["lora_base"] = json.dumps(run.load(step, groups=("frozen",))["frozen"]["base"])
-        size = write_safetensors(state, target, DTYPES[dtype], meta)
-    else:
-        arch = hf.architecture(model_cfg)
-        size = write_hf(state, model_cfg, tokenizer, target, DTYPES[dtype])
+    try:
+        if format == "minimind":
+            size = write_minimind(state, target, DTYPES[dtype])
+        elif format == "safetensors":
+            size = write_safetensors(state, target, DTYPES[dtype], meta)
+        else:
+            size = write_hf(state, model_cfg, tokenizer, target, DTYPES[dtype])
+    except OSError as err:  # the output's disk: full, read-only, … (nothing is left behind)
+        raise ValueError(f"could not write {target}: {describe_os_error(err)}") from None
     return Exported(target, format, dtype, step, arch, size)
 
 
@@ -128,21 +143,41 @@ def _temporary(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.tmp")
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Rename a complete, fsynced `tmp` to `target` and make the rename durable."""
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+
+
 def write_minimind(state: dict[str, Tensor], target: Path, dtype: torch.dtype) -> int:
     """`torch.save({k: v.to(dtype)})` as MiniMind's trainers do (`v.half()` by default)."""
     tmp = _temporary(target)
     try:
         torch.save({k: v.detach().to("cpu", dtype) for k, v in state.items()}, tmp)
-        os.replace(tmp, target)
+        _fsync(tmp)
+        _publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return target.stat().st_size
 
 
-def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+def _cast(state: dict[str, Tensor | Streamed], dtype: torch.dtype) -> dict[str, Tensor | Streamed]:
     # The tied head is the embedding: stored once, as transformers and MiniMind's loaders expect.
-    return {k: v.detach().to(dtype) for k, v in state.items() if k != "lm_head.weight"}
+    # A streamed tensor is converted chunk by chunk as it is written, only if its dtype differs.
+    return {
+        k: v.to(dtype) if isinstance(v, Streamed) else v.detach().to(dtype)
+        for k, v in state.items()
+        if k != "lm_head.weight"
+    }
 
 
 def write_safetensors(
@@ -151,8 +186,8 @@ def write_safetensors(
     tmp = _temporary(target)
     meta = {"format": "pt", "producer": f"mmnb {__version__}", **metadata}
     try:
-        size = sf.write(tmp, _cast(state, dtype), meta)
-        os.replace(tmp, target)
+        size = sf.write(tmp, _cast(state, dtype), meta)  # fsynced
+        _publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -160,34 +195,53 @@ def write_safetensors(
 
 
 def write_hf(
-    state: dict[str, Tensor],
+    state: dict[str, Tensor | Streamed],
     cfg: ModelConfig,
     tokenizer: Tokenizer,
     target: Path,
     dtype: torch.dtype,
     max_length: int = hf.MAX_POSITIONS,
 ) -> int:
-    """A transformers model folder; the whole folder appears at `target` at once."""
+    """A transformers model folder; the whole folder appears at `target` at once, durably."""
     config = hf.config_json(cfg, dtype)  # refuses a model no standard class computes
+    texts = {
+        "config.json": json.dumps(config, indent=2),
+        "generation_config.json": json.dumps(hf.generation_config(tokenizer), indent=2),
+        **hf.tokenizer_files(tokenizer, max_length),
+    }
     tmp = _temporary(target)
     tmp.mkdir()
     try:
-        size = sf.write(
+        size = 0
+        # The small files first: they reach the disk while the weights are being written.
+        for name, text in texts.items():
+            size += _write_text(tmp / name, text)
+        size += sf.write(
             tmp / "model.safetensors", hf.to_hf(_cast(state, dtype), cfg), {"format": "pt"}
         )
-        texts = {
-            "config.json": json.dumps(config, indent=2),
-            "generation_config.json": json.dumps(hf.generation_config(tokenizer), indent=2),
-            **hf.tokenizer_files(tokenizer, max_length),
-        }
-        for name, text in texts.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-            size += len(text.encode())
-        os.replace(tmp, target)
+        for name in texts:
+            _fsync(tmp / name)
+        fsync_dir(tmp)
+        _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return size
+
+
+def _write_text(path: Path, text: str) -> int:
+    """Write `text` and start its writeback (the caller fsyncs it later); return its size."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while len(view):
+            view = view[os.write(fd, view) :]
+        if hasattr(os, "posix_fadvise"):  # starts writing the dirty pages back (Linux)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return len(data)
 
 
 __all__ = ["DTYPES", "FORMATS", "Exported", "export", "write_hf", "write_minimind"]

@@ -26,6 +26,7 @@ from . import lora
 from .config import ModelConfig, TrainConfig, config_from_dict
 from .model import MiniMind
 from .store import StoreError
+from .store.streamed import streamed_checkpoint
 
 if TYPE_CHECKING:
     from .store import Run, Store
@@ -85,17 +86,23 @@ def checkpoint_weights(
     step: int,
     *,
     mapped: bool = False,
+    streamed: bool = False,
     _digest_: str | None = None,
     _depth: int = 0,
 ):
     """The full model weights of `run` at `step` — a LoRA checkpoint's adapters merged into its
     base — with MiniMind's keys in module order, in the dtype they were saved in.
 
-    `mapped`: read-only tensors over an mmap of the checkpoint file (checksums verified), for a
-    caller that only passes the bytes on; never write into them."""
-    if mapped:
+    For a caller that only passes the bytes on: `mapped`, read-only tensors over an mmap of the
+    checkpoint file (checksums verified; never write into them); `streamed`, where the file
+    allows, `mmnb.store.streamed.Streamed` sources that verify their bytes while a writer
+    copies them (`streamed.whole` makes one a tensor)."""
+    if mapped or streamed:
         model_cfg, train_cfg = _configs(run)
-        tensors = None if train_cfg.lora_rank else _mapped(run, step)
+        if train_cfg.lora_rank:
+            tensors = None
+        else:
+            tensors = streamed_checkpoint(run, step) if streamed else _mapped(run, step)
         if tensors is not None:
             return {k: tensors[k] for k in model_keys(model_cfg)}
     state, (model_cfg, train_cfg) = _load(run, step, _digest_, _depth)

@@ -136,8 +136,12 @@ def config_json(cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return out
 
 
-def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
-    """MiniMind keys → the keys of `architecture(cfg)`; the tied `lm_head.weight` is left out."""
+def to_hf(state: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """MiniMind keys → the keys of `architecture(cfg)`; the tied `lm_head.weight` is left out.
+    Values are tensors or `Streamed` sources, passed on as they are; the few tensors computed
+    from others (Qwen2-MoE's shared expert) load theirs whole (`whole`)."""
+    from .store.streamed import whole
+
     arch = architecture(cfg)
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
@@ -158,9 +162,9 @@ def to_hf(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
             shared = [f"{p}shared_experts.{e}." for e in range(cfg.num_shared_experts)]
             for proj in ("gate_proj", "up_proj"):
                 out[f"{p}shared_expert.{proj}.weight"] = torch.cat(
-                    [state[f"{s}{proj}.weight"] for s in shared], dim=0
+                    [whole(state[f"{s}{proj}.weight"]) for s in shared], dim=0
                 )
-            down = torch.cat([state[f"{s}down_proj.weight"] for s in shared], dim=1)
+            down = torch.cat([whole(state[f"{s}down_proj.weight"]) for s in shared], dim=1)
             out[f"{p}shared_expert.down_proj.weight"] = down * 2  # exact; the gate halves it
             out[f"{p}shared_expert_gate.weight"] = down.new_zeros(1, cfg.hidden_size)
     return out

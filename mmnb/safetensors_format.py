@@ -9,12 +9,16 @@ because the file may come from anywhere.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import queue
 import struct
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,6 +42,9 @@ class SafetensorsError(ValueError):
     """A file that is not a well-formed safetensors file; the message names it."""
 
 
+WRITEBACK = 16 * 2**20  # bytes after which the disk is asked to start writing them
+
+
 def _raw(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without a copy where it is already contiguous on the CPU."""
     t = tensor.detach().cpu().contiguous()
@@ -46,34 +53,114 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def _pieces(tensor: Any) -> Iterator[memoryview]:
+    """A tensor's bytes; a source with `chunks()` (`mmnb.store.streamed.Streamed`) gives them
+    piece by piece, verified, and raises after its last piece if they were not as saved."""
+    if hasattr(tensor, "chunks"):
+        yield from tensor.chunks()
+    elif tensor.numel():
+        yield _raw(tensor)
+
+
+class _Output:
+    """Sequential positioned writes to a file descriptor. `durable`: every WRITEBACK bytes the
+    range written is handed to the disk while the rest is still being produced, so the fsync
+    at the end waits for the last few MiB instead of the whole file (write and disk overlap).
+    `close()` before the descriptor is closed."""
+
+    def __init__(self, fd: int, durable: bool) -> None:
+        self.fd, self.durable = fd, durable
+        self.position = self.handed = 0
+        self._writeback = durable and hasattr(os, "posix_fadvise")
+        self._ranges: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            n = os.pwrite(self.fd, view, self.position)
+            if n <= 0:  # a short write that made no progress: the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[n:]
+            self.position += n
+        if self._writeback and self.position - self.handed >= WRITEBACK:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=_hand_to_disk,
+                    args=(self.fd, self._ranges),
+                    name="mmnb-writeback",
+                    daemon=True,
+                )
+                self._thread.start()
+            self._ranges.put((self.handed, self.position - self.handed))
+            self.handed = self.position
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._ranges.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def finish(self) -> None:
+        self.close()
+        if self.durable:
+            os.fsync(self.fd)
+
+
+def _hand_to_disk(fd: int, ranges: queue.SimpleQueue[tuple[int, int] | None]) -> None:
+    """Start writing back each range handed over. POSIX_FADV_DONTNEED submits a range's dirty
+    pages (it frees none of them while they are in flight); submitting walks every page, so
+    it runs here, on another core, while the writer goes on."""
+    while (item := ranges.get()) is not None:
+        try:
+            os.posix_fadvise(fd, item[0], item[1], os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # advice only: the fsync at the end writes whatever this did not
+
+
 def write(
     path: str | os.PathLike[str],
-    tensors: Mapping[str, torch.Tensor],
+    tensors: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
+    *,
+    durable: bool = True,
 ) -> int:
-    """Write `tensors` (in the given order) and string `metadata`; return the file's size."""
+    """Write `tensors` (in the given order) and string `metadata`; return the file's size.
+
+    Values are torch tensors or sources with `dtype`, `shape` and `chunks()`. `durable`: the
+    file is fsynced before this returns. A failure leaves the partial file for the caller to
+    remove (it writes under a temporary name)."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
+    sizes = []
     for name, tensor in tensors.items():
         if tensor.dtype not in NAMES:
             raise SafetensorsError(f"{name}: dtype {tensor.dtype} has no safetensors name")
-        size = tensor.numel() * tensor.element_size()
+        sizes.append(tensor.numel() * tensor.dtype.itemsize)
         header[name] = {
             "dtype": NAMES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
+            "data_offsets": [offset, offset + sizes[-1]],
         }
-        offset += size
+        offset += sizes[-1]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for tensor in tensors.values():
-            if tensor.numel():
-                f.write(_raw(tensor))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    out = _Output(fd, durable)
+    try:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for (name, tensor), size in zip(tensors.items(), sizes, strict=True):
+            end = out.position + size
+            for piece in _pieces(tensor):
+                out.write(piece)
+            if out.position != end:  # a source that gave other than its shape's bytes
+                raise SafetensorsError(f"{name}: {out.position - end:+d} bytes against its shape")
+        out.finish()
+    finally:
+        out.close()
+        os.close(fd)
     return 8 + len(blob) + offset
 
 

@@ -258,3 +258,136 @@ def test_browser_export_button_writes_the_selected_checkpoint(store, tmp_path, m
     tab.button.click()  # the target exists now: refused, in one line in the log
     assert "m.pth exists" in b.log.text()
     b.close()
+
+
+@pytest.fixture
+def own_run(tmp_path, micro):
+    """A run of its own (these tests damage its checkpoint), and its step-2 checkpoint file."""
+    store = Store(tmp_path / "store")
+    api.train("own", store=store, **dict(micro, max_steps=2))
+    run = store.run("own")
+    return store, run, run.checkpoint_path(run.step_info(2))
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name != "store")
+
+
+def _writeback_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "mmnb-writeback"]
+
+
+def _flip_byte(path, dataset: str, at: int) -> None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        offset = f["model"][dataset].id.get_offset()
+    with open(path, "r+b") as fh:
+        fh.seek(offset + at)
+        byte = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors", "minimind"])
+def test_a_flipped_byte_fails_the_export_in_one_line_and_leaves_nothing(
+    own_run, tmp_path, capsys, monkeypatch, fmt
+):
+    from mmnb.store import streamed
+
+    # Chunks of 64 bytes: the flipped byte is in a later chunk of a tensor in the middle, so
+    # the tensors before it and its first chunks have been written when the mismatch shows.
+    monkeypatch.setattr(streamed, "CHUNK", 64)
+    store, run, ckpt = own_run
+    name = "model.layers.0.mlp.up_proj.weight"
+    _flip_byte(ckpt, name, 200)
+    out = tmp_path / "out"
+    code = main(["export", "own", "--format", fmt, "--out", str(out), "--store", str(store.path)])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert str(ckpt) in captured.err and f"checksum mismatch in {name}" in captured.err
+    assert _leftovers(tmp_path) == []  # neither --out nor a temporary folder or file
+
+
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_an_export_that_fails_midway_leaves_no_partial_output(own_run, tmp_path, monkeypatch, fmt):
+    from mmnb import safetensors_format as sf
+    from mmnb.store import streamed
+
+    monkeypatch.setattr(streamed, "CHUNK", 64)
+    monkeypatch.setattr(sf, "WRITEBACK", 256)  # the writeback thread runs, and is stopped
+    store, run, _ = own_run
+    real, calls = sf._Output.write, []
+
+    def write_then_fail(self, data):
+        calls.append(len(data))
+        if len(calls) == 20:  # well inside the weights
+            raise failure
+        real(self, data)
+
+    monkeypatch.setattr(sf._Output, "write", write_then_fail)
+    out = tmp_path / "out"
+    failure = KeyboardInterrupt()  # Kernel → Interrupt, or Ctrl-C on the command line
+    with pytest.raises(KeyboardInterrupt):
+        export(run, format=fmt, out=out)
+    assert _leftovers(tmp_path) == [] and not _writeback_threads()
+    failure, calls[:] = OSError(28, "No space left on device"), []  # a full disk: one line
+    with pytest.raises(ValueError, match=r"^could not write .*out: disk full$"):
+        export(run, format=fmt, out=out)
+    assert _leftovers(tmp_path) == [] and not _writeback_threads()
+    monkeypatch.setattr(sf._Output, "write", real)  # and then it works, chunk by chunk
+    assert export(run, format=fmt, out=out).path == out
+
+
+def test_a_killed_export_never_leaves_a_partial_folder_under_its_name(own_run, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    store, run, _ = own_run
+    out = tmp_path / "out"
+    # SIGKILL in the middle of the weights: no handler runs, so only the rename can protect.
+    script = (
+        "import os, signal, sys\n"
+        "from mmnb import safetensors_format as sf\n"
+        "from mmnb.store import streamed\n"
+        "streamed.CHUNK = 64\n"
+        "real, n = sf._Output.write, [0]\n"
+        "def write(self, data):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 20:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real(self, data)\n"
+        "sf._Output.write = write\n"
+        "from mmnb.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, "export", "own", "--out", str(out), "--store",
+         str(store.path)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120, capture_output=True,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL
+    assert not out.exists()
+    left = _leftovers(tmp_path)
+    assert len(left) == 1 and left[0].startswith(".out.") and left[0].endswith(".tmp")
+    assert export(run, format="hf", out=out).path == out  # the leftover is in no one's way
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_a_streamed_export_converts_chunk_by_chunk_exactly(own_run, tmp_path, monkeypatch, dtype):
+    from mmnb import safetensors_format as sf
+    from mmnb.export import DTYPES
+    from mmnb.store import streamed
+
+    monkeypatch.setattr(streamed, "CHUNK", 68)  # 17 fp32 values: pieces end mid-row
+    store, run, _ = own_run
+    done = export(run, format="safetensors", out=tmp_path / "x", dtype=dtype)
+    got, _ = sf.read(done.path)
+    want = weights_at(store, "own", 2)
+    assert set(got) == set(want) - {"lm_head.weight"}
+    assert all(torch.equal(got[k], want[k].to(DTYPES[dtype])) for k in got)

@@ -27,6 +27,7 @@ from mmnb.store.sharded import (
     shard_file_name,
     shard_source,
 )
+from mmnb.store.streamed import streamed_checkpoint
 
 NAME = "model.embed_tokens.weight"  # rows split over two "ranks"
 
@@ -138,3 +139,4 @@ def test_pinned_blocks_must_tile_the_rows(shards, match):
 def test_a_sharded_checkpoint_is_not_mapped_zero_copy(store, micro):
     run, _, _ = _sharded_run(store, micro)
     assert run.mapped(0) is None  # export falls back to a checked load
+    assert streamed_checkpoint(run, 0) is None

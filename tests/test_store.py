@@ -41,7 +41,8 @@ def test_tree_round_trip_is_bit_exact(tmp_path, writer):
     else:  # HDF5 lays the file out in memory, mmnb writes the bytes
         image, raw = SparseImage(), []
         with h5py.File(image, "w", libver="latest") as f:
-            write_tree(f.create_group("g"), tree, manifest, raw=raw, prefix="g/")
+            sink = lambda offset, array: raw.append((offset, array))  # noqa: E731
+            write_tree(f.create_group("g"), tree, manifest, sink=sink, prefix="g/")
         write_file(path, image, raw)
         assert raw and sum(a.nbytes for _, a in raw) > 5000
 

@@ -322,7 +322,7 @@ def _fifo_lock(s, out):
 
 
 # case → (craft, what the StoreError says, the attempts that must be refused)
-CKPT, INDEX, LOCK = ("load", "mapped"), ("steps", "load", "writer"), ("writer",)
+CKPT, INDEX, LOCK = ("load", "mapped", "streamed"), ("steps", "load", "writer"), ("writer",)
 MALICIOUS = {
     "external link": (_external_link, "is an external link; refused", CKPT),
     "external raw storage": (_external_storage, "keeps its data in an external file", CKPT),
@@ -352,6 +352,7 @@ AUDIT_CHILD = r"""
 import contextlib, io, json, sys, warnings
 from mmnb.cli import main
 from mmnb.store import Store, StoreError
+from mmnb.store.streamed import streamed_checkpoint
 
 warnings.simplefilter("ignore")
 cases = json.loads(sys.argv[1])
@@ -361,7 +362,7 @@ except OSError:
     pass
 for case, path in cases.items():
     said = []
-    for attempt in ("steps", "load", "writer", "mapped", "cli"):
+    for attempt in ("steps", "load", "writer", "mapped", "streamed", "cli"):
         try:
             if attempt == "cli":
                 err = io.StringIO()
@@ -374,8 +375,12 @@ for case, path in cases.items():
                 run.steps()
             elif attempt == "load":
                 run.load(2)
-            elif attempt == "mapped":  # the zero-copy reader of mmnb export
+            elif attempt == "mapped":  # the zero-copy reader of mmnb export --format minimind
                 run.mapped(2)
+            elif attempt == "streamed":  # export --format hf: every chunk, as a writer takes it
+                for source in (streamed_checkpoint(run, 2) or {}).values():
+                    for _ in source.chunks():
+                        pass
             else:
                 run.open_writer()
                 run.close_writer()
@@ -434,7 +439,7 @@ def test_malicious_stores_are_refused_and_nothing_outside_is_opened(tmp_path, ba
     results = {r["case"]: r["said"] for r in map(json.loads, proc.stdout.splitlines())}
     assert results.keys() == MALICIOUS.keys()
     for case, (_, message, refused) in MALICIOUS.items():
-        attempts = ("steps", "load", "writer", "mapped", "cli")
+        attempts = ("steps", "load", "writer", "mapped", "streamed", "cli")
         said = dict(zip(attempts, results[case], strict=True))
         for attempt in refused:
             assert said[attempt].startswith(f"{attempt}: StoreError: "), (case, said)

@@ -19,10 +19,12 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
 
 from . import h5guard, jsonio, schema, workers
-from .h5state import Checks, ChecksumError, checksum, read_tree, write_tree
-from .image import SparseImage, write_file
+from .h5state import ChecksumError, checksum, read_tree, write_tree
+from .image import FileWriter, SparseImage
+from .lazy import Pending, resolve_all, wrap
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -51,43 +53,69 @@ def write_checkpoint(
     state: dict[str, Any],
     summary: dict[str, Any],
     extra: Callable[[h5py.File, dict[str, Any]], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> str:
     """Write `state` to the new file `path`; return the manifest's checksum.
 
-    HDF5 lays the file out in memory; the bytes go to disk through `image.write_file`, so a
-    failing disk raises OSError with no HDF5 object left in a broken state. `extra(file,
-    manifest)` adds objects that are no part of `state` (a sharded checkpoint's virtual
-    datasets, `store.sharded.add_virtual`) and lists them in the manifest.
+    HDF5 lays the file out in memory; the bytes go to disk through `image.FileWriter`, so a
+    failing disk raises OSError with no HDF5 object left in a broken state. Each tensor's bytes
+    start going to disk as soon as HDF5 has placed it, while the rest is laid out and `check()`
+    (the caller's check of the state, which may raise) runs; a failure of either removes the
+    file. `extra(file, manifest)` adds objects that are no part of `state` (a sharded
+    checkpoint's virtual datasets, `store.sharded.add_virtual`) and lists them in the manifest.
     """
-    image, raw = SparseImage(), []
+    image = SparseImage()
     manifest: dict[str, Any] = {"groups": {}, "datasets": {}}
-    # Every allocation of 512 bytes or more (each tensor's bytes) starts at a multiple of 64:
-    # a loaded tensor is a view of the mapped file (`read_checkpoint`), and kernels expect
-    # aligned data.
-    # Checksums are computed inline here: on worker threads (as a load does) saves were
-    # measured slower on a 2-vCPU machine.
-    with h5py.File(
-        image, "w", libver="latest", locking=False, alignment_threshold=512, alignment_interval=64
-    ) as f:
-        written: dict = {}  # shared storage is written once, across groups
-        for key in STATE_GROUPS:
-            if key in state:
-                manifest["groups"][key] = None
-                write_tree(
-                    f.create_group(key), state[key], manifest, raw=raw, prefix=key + "/",
-                    _written=written,
-                )  # fmt: skip
-        if extra is not None:
-            extra(f, manifest)
-        summary_text = jsonio.dumps(summary)
-        manifest["summary"] = checksum(summary_text)
-        manifest_text = jsonio.dumps_state(manifest)
-        f.attrs["format_version"] = FORMAT_VERSION
-        f.attrs["summary"] = summary_text
-        f.attrs["manifest"] = manifest_text
-        f.attrs["manifest_xxh3"] = checksum(manifest_text)
-    write_file(path, image, raw)
+    writer = FileWriter(path, size_hint=_array_bytes(state))
+    try:
+        # Every allocation of 512 bytes or more (each tensor's bytes) starts at a multiple of
+        # 64: a loaded tensor is a view of the mapped file (`read_checkpoint`), and kernels
+        # expect aligned data. Checksums are computed inline: on worker threads (as a load
+        # does) saves were measured slower on a 2-vCPU machine.
+        with h5py.File(
+            image, "w", libver="latest", locking=False, alignment_threshold=512,
+            alignment_interval=64,
+        ) as f:  # fmt: skip
+            written: dict = {}  # shared storage is written once, across groups
+            for key in STATE_GROUPS:
+                if key in state:
+                    manifest["groups"][key] = None
+                    write_tree(
+                        f.create_group(key), state[key], manifest, sink=writer.put,
+                        prefix=key + "/", _written=written,
+                    )  # fmt: skip
+            if extra is not None:
+                extra(f, manifest)
+            summary_text = jsonio.dumps(summary)
+            manifest["summary"] = checksum(summary_text)
+            manifest_text = jsonio.dumps_state(manifest)
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["summary"] = summary_text
+            f.attrs["manifest"] = manifest_text
+            f.attrs["manifest_xxh3"] = checksum(manifest_text)
+        if check is not None:
+            check()
+        writer.finish(image)
+    except BaseException:
+        writer.abort()
+        raise
     return checksum(manifest_text)
+
+
+def _array_bytes(tree: dict[str, Any]) -> int:
+    """Bytes of the distinct tensors and arrays in `tree`: what the file holds at least."""
+    seen, total, stack = set(), 0, [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, torch.Tensor) and node.device.type == "cpu":
+            key = (node.data_ptr(), node.nbytes)
+            total += 0 if key in seen else node.nbytes
+            seen.add(key)
+        elif isinstance(node, np.ndarray):
+            total += node.nbytes
+    return total
 
 
 def read_checkpoint(
@@ -95,7 +123,7 @@ def read_checkpoint(
     config: dict[str, Any],
     groups: tuple[str, ...],
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     expect_step: int | None = None,
     expect_checksum: str | None = None,
     virtual_source: Callable[[str], str] | None = None,
@@ -104,9 +132,11 @@ def read_checkpoint(
 
     Raises ValueError/KeyError/OSError (and ChecksumError) on anything wrong; the caller names
     the file. `config` is the config dict of the run that wrote it: it decides what the
-    datasets may be.
+    datasets may be. `verify="lazy"`: every check but the tensors' checksums and finiteness,
+    which are made when each tensor is first taken out of the state (`store.lazy`).
     """
-    with workers.pool() as pool, h5py.File(path, "r", locking=False) as f:
+    lazy = verify == "lazy"
+    with h5py.File(path, "r", locking=False) as f:
         # Size and mapping come from the descriptor HDF5 reads, so they are of the same file
         # even if `path` is replaced meanwhile.
         fd = f.id.get_vfd_handle()
@@ -115,7 +145,6 @@ def read_checkpoint(
         # Copy-on-write: the arrays are writable and private; pages are shared with the page
         # cache until written. Committed files are never rewritten in place.
         mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if file_size else None
-        checks = Checks(pool)  # checksums on worker threads while the metadata is read
         state = {
             g: read_tree(
                 checked.objects,
@@ -123,19 +152,24 @@ def read_checkpoint(
                 g,
                 checked.rule,
                 file_size,
-                verify=verify,
+                verify=False,
                 virtual_source=virtual_source,
                 mapping=mapping,
-                checks=checks,
+                leaf=Pending if verify else None,
             )
             for g in checked.groups
         }
-        checks.wait()
-        # mmnb never commits non-finite weights or moments: a file holding some (under valid
-        # checksums) is crafted, and would only fail later, far from the file (in sampling).
-        name = schema.non_finite(state, mapper=lambda fn, xs: workers.map_batched(pool, fn, xs))
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
+    if lazy:
+        return wrap(state, path, mapping), checked.summary
+    if verify:
+        resolve_all(state, mapping)  # every checksum and finiteness check, on worker threads
+        return state, checked.summary
+    # mmnb never commits non-finite weights or moments: a file holding some (under valid
+    # checksums) is crafted, and would only fail later, far from the file (in sampling).
+    with workers.pool() as pool:
+        name = schema.non_finite(state, mapper=lambda fn, xs: workers.map_batched(pool, fn, xs))
     if name is not None:
         raise ValueError(f"{name} holds non-finite values")
     return state, checked.summary

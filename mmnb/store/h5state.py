@@ -13,10 +13,10 @@ anything is allocated (`h5guard`), so the JSON is under a checksum as much as th
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import h5py
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import h5guard, jsonio, workers
+from . import h5guard, jsonio
 
 # torch dtypes whose bits are stored under another numpy type
 _BIT_VIEWS = {torch.bfloat16: (torch.int16, np.uint16)}
@@ -76,15 +76,16 @@ def write_tree(
     tree: dict[str, Any],
     manifest: dict[str, dict[str, Any]] | None = None,
     *,
-    raw: list[tuple[int, np.ndarray]] | None = None,
+    sink: Callable[[int, np.ndarray], None] | None = None,
     prefix: str = "",
     _written: dict[tuple, str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Write `tree` under `group`; return the manifest (filled in place when given).
 
-    `prefix` is the path of `group` in the manifest ('model/'). With `raw`, datasets are only
-    allocated (contiguous, early, never filled) and (file offset, array) pairs are appended for
-    the caller to write the bytes itself; otherwise HDF5 writes them.
+    `prefix` is the path of `group` in the manifest ('model/'). With `sink`, datasets are only
+    allocated (contiguous, early, never filled) and `sink(file offset, array)` is called at
+    once, for the caller to write the bytes itself (`image.FileWriter.put`); otherwise HDF5
+    writes them.
     A tensor that is a view of one already written (tied embeddings: `lm_head.weight` is
     `model.embed_tokens.weight`) becomes an HDF5 hard link to that dataset, so its bytes are
     stored once and plain h5py still finds it under its own name.
@@ -92,13 +93,14 @@ def write_tree(
     manifest = _new_manifest() if manifest is None else manifest
     written = {} if _written is None else _written
     leaves: dict[str, Any] = {}
+    base = group.name.rstrip("/")
     for key, value in tree.items():
         key = str(key)
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             sub = group.create_group(key)
             manifest["groups"][path] = None
-            write_tree(sub, value, manifest, raw=raw, prefix=path + "/", _written=written)
+            write_tree(sub, value, manifest, sink=sink, prefix=path + "/", _written=written)
         elif isinstance(value, (torch.Tensor, np.ndarray)):
             is_tensor = isinstance(value, torch.Tensor)
             if is_tensor:
@@ -111,14 +113,14 @@ def write_tree(
                 dtype_name = str(value.dtype).removeprefix("torch.")
             else:
                 array = np.ascontiguousarray(value)
-            ds = _create(group, key, array, raw)
+            dsid = _create(group, key, array, sink)
             digest = checksum(array)
-            ds.attrs["xxh3"] = digest
+            _text_attr(dsid, "xxh3", digest)
             entry: dict[str, Any] = {"shape": list(array.shape), "xxh3": digest}
             if is_tensor:
-                ds.attrs["dtype"] = dtype_name
+                _text_attr(dsid, "dtype", dtype_name)
                 entry["torch"] = dtype_name
-                written[identity] = ds.name
+                written[identity] = f"{base}/{key}"
             else:
                 entry["numpy"] = array.dtype.name
             manifest["datasets"][path] = entry
@@ -135,19 +137,52 @@ def _rel(name: str) -> str:
     return name.lstrip("/")
 
 
-def _create(group: h5py.Group, key: str, array: np.ndarray, raw: list | None) -> h5py.Dataset:
-    if raw is None:
-        return group.create_dataset(key, data=array)
+def _create(
+    group: h5py.Group, key: str, array: np.ndarray, sink: Callable[[int, np.ndarray], None] | None
+) -> h5py.h5d.DatasetID:
+    # h5py's low-level API: a third of the time of `create_dataset` and `attrs[...] =`, which
+    # for the ~300 tensors of a 26M-parameter state was most of the file's layout time.
+    space = h5py.h5s.create_simple(array.shape) if array.ndim else _scalar_space()
+    dsid = h5py.h5d.create(
+        group.id, key.encode(), _file_type(array.dtype), space,
+        dcpl=_unfilled() if sink is not None else None,
+    )  # fmt: skip
+    offset = dsid.get_offset() if sink is not None else None
+    if array.nbytes and offset is not None:
+        sink(offset, array)  # the caller writes the bytes at the dataset's offset
+    elif array.nbytes:  # HDF5 writes them (no sink, or a scalar with no file offset)
+        dsid.write(h5py.h5s.ALL, h5py.h5s.ALL, np.ascontiguousarray(array))
+    return dsid
+
+
+def _text_attr(oid: h5py.h5o.ObjectID, name: str, value: str) -> None:
+    """Set a text attribute as h5py's `attrs[name] = value` does (variable-length UTF-8)."""
+    attr = h5py.h5a.create(oid, name.encode(), _text_type(), _scalar_space())
+    attr.write(np.array(value, dtype=h5py.string_dtype()))
+
+
+@functools.cache
+def _unfilled() -> h5py.h5p.PropDCID:
+    """Contiguous, allocated when created (so it has an offset at once), never filled."""
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    ds = group.create_dataset(key, shape=array.shape, dtype=array.dtype, dcpl=dcpl)
-    offset = ds.id.get_offset()
-    if array.nbytes and offset is not None:
-        raw.append((offset, array))  # the caller writes the bytes at the dataset's offset
-    elif array.nbytes:
-        ds[()] = array  # no file offset (a scalar): HDF5 writes these few bytes itself
-    return ds
+    return dcpl
+
+
+@functools.cache
+def _file_type(dtype: np.dtype) -> h5py.h5t.TypeID:
+    return h5py.h5t.py_create(dtype, logical=True)
+
+
+@functools.cache
+def _text_type() -> h5py.h5t.TypeID:
+    return h5py.h5t.py_create(h5py.string_dtype(), logical=True)
+
+
+@functools.cache
+def _scalar_space() -> h5py.h5s.SpaceID:
+    return h5py.h5s.create(h5py.h5s.SCALAR)
 
 
 def verify_array(path: str, array: np.ndarray, entry: dict[str, Any]) -> None:
@@ -164,23 +199,6 @@ def verify_array(path: str, array: np.ndarray, entry: dict[str, Any]) -> None:
             raise ChecksumError(f"checksum mismatch in /{path} (shard {block.file})")
 
 
-class Checks:
-    """Datasets' checksums computed on worker threads while the caller reads on."""
-
-    def __init__(self, pool: Executor) -> None:
-        self.batched = workers.Batched(pool, checksum)
-        self.jobs: list[tuple[str, str | None, workers.Slot]] = []
-
-    def add(self, path: str, array: np.ndarray, expected: str | None) -> None:
-        self.jobs.append((path, expected, self.batched.submit(array, array.nbytes)))
-
-    def wait(self) -> None:
-        """Raise ChecksumError for the first dataset (in reading order) that does not match."""
-        for path, expected, job in self.jobs:
-            if job.result() != expected:
-                raise ChecksumError(f"checksum mismatch in /{path}")
-
-
 def read_tree(
     objects: dict[str, h5py.Group | h5py.Dataset],
     manifest: dict[str, dict[str, Any]],
@@ -192,14 +210,13 @@ def read_tree(
     virtual_source: Callable[[str], str] | None = None,
     lazy: Callable[[str, Any, dict[str, Any]], Any] | None = None,
     mapping: mmap.mmap | None = None,
-    checks: Checks | None = None,
+    leaf: Callable[[str, np.ndarray, dict[str, Any], str | None], Any] | None = None,
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
 
     With `mapping` (the whole file, mapped copy-on-write), a contiguous dataset's array is a
     view of its bytes in the mapping instead of a copy read through HDF5 (zero-copy load);
-    other layouts are read as usual. With `checks`, the datasets' checksums are left to it
-    (`Checks.wait` raises for a mismatch) instead of computed here.
+    other layouts are read as usual.
 
     `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
 
@@ -207,7 +224,9 @@ def read_tree(
     (raising for anything the config does not allow) before the dataset is opened. With
     `verify`, every dataset's bytes and every `json` attribute are checked against the manifest.
     With `lazy`, a checked tensor dataset is not read: `lazy(path, rule, entry)` stands for it
-    (`store.sharded.load_lazy`, for a loader that reads only the rows it holds).
+    (`store.sharded.load_lazy`, for a loader that reads only the rows it holds). With `leaf`,
+    `leaf(path, array, entry, torch dtype)` stands for each dataset's unverified array
+    (`store.lazy`: verified when first used).
     """
     tree: dict[str, Any] = {}
     groups = manifest["groups"]
@@ -253,9 +272,10 @@ def read_tree(
             array = np.frombuffer(mapping, r.storage, count, offset).reshape(r.shape)
         else:
             array = h5guard.read_array(ds, r.storage, r.shape)  # (a sharded tensor: its shards)
-        if verify and checks is not None and "shards" not in entry:
-            checks.add(path, array, entry.get("xxh3"))
-        elif verify:
+        if leaf is not None:
+            node[key] = leaf(path, array, entry, r.torch_dtype)
+            continue
+        if verify:
             verify_array(path, array, entry)
         node[key] = numpy_to_tensor(array, r.torch_dtype) if r.torch_dtype else array
     return tree

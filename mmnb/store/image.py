@@ -13,8 +13,13 @@ own memory.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import io
+import mmap
 import os
+import queue
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -81,22 +86,164 @@ def write_file(path: Path, image: SparseImage, raw: list[tuple[int, np.ndarray]]
     """Create `path` (it must not exist) with the image's metadata and the raw arrays at their
     offsets; fsync it. Return its size. On OSError the partial file is removed and the error
     re-raised."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    writer = FileWriter(path)
     try:
-        for offset, data in image.writes:
-            _pwrite_all(fd, memoryview(data), offset)
         for offset, array in raw:
-            if offset + array.nbytes > image.size:
-                raise ValueError(f"array at {offset} ends after the file ({image.size} bytes)")
-            _pwrite_all(fd, memoryview(as_bytes(array)), offset)
-        os.ftruncate(fd, image.size)
-        os.fsync(fd)
+            writer.put(offset, array)
+        return writer.finish(image)
     except BaseException:
-        os.close(fd)
-        discard(path)
+        writer.abort()
         raise
-    os.close(fd)
-    return image.size
+
+
+class FileWriter:
+    """Creates a file and writes arrays into it on a writer thread while the caller goes on
+    laying the file out (and checking the state): the disk and the CPU work at the same time.
+
+    `put(offset, array)` hands over an array as soon as HDF5 has allocated its bytes;
+    `finish(image)` waits for the arrays, writes the metadata, sets the size and fsyncs.
+
+    The bulk of each array goes through O_DIRECT, from a page-aligned staging buffer, in
+    4 KiB-aligned blocks: no page cache (whose state decided how long a buffered write plus
+    fsync took: 0.16 s or 0.7 s for the same 340 MB on the development machine), and the CPU
+    is free while the device copies. What is not block-aligned — each array's first and last
+    partial block, and the metadata — is written with ordinary writes at the end, on pages
+    no direct write touches. A file system without O_DIRECT (EINVAL) gets ordinary writes.
+    The arrays must not change until `finish` returns (the caller's state is frozen at a
+    step boundary: a blocking save, or the host copy of an async one).
+    """
+
+    def __init__(self, path: Path, size_hint: int = 0) -> None:
+        """`size_hint`: bytes the file will have at least (its arrays'), allocated up front so
+        the direct writes overwrite allocated blocks (in parallel) instead of extending the
+        file (one at a time)."""
+        self.path = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(path, flags, 0o644)
+        self.direct = _set_direct(self.fd, True)
+        self.edges: list[tuple[int, np.ndarray]] = []
+        self.end = 0  # where the last array ends: checked against the image's size
+        self.error: BaseException | None = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.threads: list[threading.Thread] = []
+        if self.direct and size_hint > 0:
+            try:
+                os.posix_fallocate(self.fd, 0, size_hint)  # a full disk fails here, early
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._close()
+                    discard(path)
+                    raise
+
+    def put(self, offset: int, array: np.ndarray) -> None:
+        data = as_bytes(array)
+        self.end = max(self.end, offset + data.nbytes)
+        lo = -(-offset // BLOCK) * BLOCK
+        hi = (offset + data.nbytes) // BLOCK * BLOCK
+        if not self.direct or hi - lo < DIRECT_MIN:
+            self.edges.append((offset, data))
+            return
+        self.edges.append((offset, data[: lo - offset]))
+        self.edges.append((hi, data[hi - offset :]))
+        if not self.threads:
+            self.threads = [
+                threading.Thread(target=self._run, name="mmnb-file-writer", daemon=True)
+                for _ in range(WRITERS)
+            ]
+            for thread in self.threads:
+                thread.start()
+        for start in range(lo, hi, STAGING):
+            self.queue.put((start, data[start - offset : min(hi, start + STAGING) - offset]))
+
+    def finish(self, image: SparseImage) -> int:
+        """Write the metadata, set the size, fsync; return the size (OSError on failure: call
+        `abort`)."""
+        self._join()
+        if self.end > image.size:
+            raise ValueError(f"an array ends at {self.end}, after the file ({image.size} bytes)")
+        if self.direct:
+            _set_direct(self.fd, False)
+        for offset, data in image.writes:
+            _pwrite_all(self.fd, memoryview(data), offset)
+        for offset, data in self.edges:
+            _pwrite_all(self.fd, memoryview(data), offset)
+        os.ftruncate(self.fd, image.size)
+        os.fsync(self.fd)
+        self._close()
+        return image.size
+
+    def abort(self) -> None:
+        """Stop writing and remove the partial file."""
+        try:
+            self._join()
+        except BaseException:
+            pass
+        self._close()
+        discard(self.path)
+
+    def _join(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        self.threads = []
+        if self.error is not None:
+            raise self.error
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _run(self) -> None:
+        # Never prints (contract 7): a failure is kept and raised by `finish`.
+        staging = mmap.mmap(-1, STAGING)  # page-aligned, as O_DIRECT needs (freed with it)
+        buffer = np.frombuffer(staging, dtype=np.uint8)
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain: `finish` raises the first error
+            offset, data = item
+            try:
+                if self.direct:
+                    buffer[: data.nbytes] = data  # numpy copies without the GIL
+                    self._write(memoryview(staging)[: data.nbytes], offset)
+                else:
+                    self._write(memoryview(data), offset)
+            except BaseException as err:
+                self.error = err
+
+    def _write(self, data: memoryview, offset: int) -> None:
+        try:
+            _pwrite_all(self.fd, data, offset)
+        except OSError as err:
+            # EINVAL: this file system (or a short write that left the offset unaligned)
+            # takes no direct I/O here; write the rest through the page cache.
+            if err.errno != errno.EINVAL or not self.direct:
+                raise
+            _set_direct(self.fd, False)
+            self.direct = False
+            _pwrite_all(self.fd, data, offset)
+
+
+BLOCK = 4096  # direct I/O alignment: offsets, lengths and memory (logical block size <= 4 KiB)
+DIRECT_MIN = 64 * 1024  # smaller arrays are not worth a direct write
+STAGING = 16 * 2**20  # bytes per direct write
+# Two writers keep two requests in flight: 0.126 s against 0.148 s for one (and 0.154 s for
+# buffered writes + fsync) writing 344 MiB on the development machine's virtual disk.
+WRITERS = 2
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; False where the system has no O_DIRECT."""
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, (flags | direct) if on else (flags & ~direct))
+    except OSError:
+        return False
+    return on
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

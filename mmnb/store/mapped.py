@@ -63,7 +63,7 @@ def mapped_group(
             array = array.reshape(rule.shape)
         if checksum(as_bytes(array)) != expected:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt (checksum mismatch in {name})")
-        if group == "model" and not _finite(array, rule.torch_dtype):  # as `read_checkpoint`
+        if group == "model" and not all_finite(array, rule.torch_dtype):  # as `read_checkpoint`
             raise CorruptCheckpoint(
                 f"checkpoint {path} is unreadable or corrupt ({name} holds non-finite values)"
             )
@@ -71,7 +71,8 @@ def mapped_group(
     return out
 
 
-def _finite(array: np.ndarray, torch_dtype: str | None) -> bool:
+def all_finite(array: np.ndarray, torch_dtype: str | None) -> bool:
+    """Whether an array of weights (bf16 as its uint16 bits) holds only finite values."""
     if torch_dtype == "bfloat16":  # stored as uint16: all exponent bits set is inf or NaN
         return not bool(np.any((array & 0x7F80) == 0x7F80))
     # min and max propagate NaN and are inf if any value is (no array-sized temporary).
@@ -82,4 +83,4 @@ def _finite(array: np.ndarray, torch_dtype: str | None) -> bool:
     )
 
 
-__all__ = ["mapped_group"]
+__all__ = ["all_finite", "mapped_group"]

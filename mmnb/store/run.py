@@ -244,20 +244,25 @@ class Run:
         self,
         step: int | None = None,
         *,
-        verify: bool = True,
+        verify: bool | str = True,
         groups: tuple[str, ...] = STATE_GROUPS,
     ) -> dict[str, Any]:
         """The full state of a checkpoint (newest readable one when `step` is None).
 
-        Checksums are verified. With `step=None` a corrupt checkpoint is skipped with a
-        warning naming its file, and the next older one is tried.
+        `verify=True`: every checksum and finiteness check is made before `load` returns.
+        `verify="lazy"`: the same checks, each tensor's when it is first taken out of the state
+        (`store.lazy`: groups with tensors are read-only `LazyDict`s; a corrupt tensor raises
+        CorruptCheckpoint at that access). `verify=False`: no checksums (structure and
+        finiteness are still checked). With `step=None` a corrupt checkpoint is skipped with a
+        warning naming its file, and the next older one is tried (lazily: only for what the
+        load itself checks).
         """
         if step is not None:
             return self._load_file(self.step_info(step), verify, groups)
         return self.load_newest(verify=verify, groups=groups)[0]
 
     def load_newest(
-        self, *, verify: bool = True, groups: tuple[str, ...] = STATE_GROUPS
+        self, *, verify: bool | str = True, groups: tuple[str, ...] = STATE_GROUPS
     ) -> tuple[dict[str, Any], list[int]]:
         """(state of the newest intact checkpoint, the newer steps skipped as corrupt)."""
         skipped: list[int] = []
@@ -286,7 +291,7 @@ class Run:
             raise CorruptCheckpoint(str(err)) from None
 
     def _load_file(
-        self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
+        self, info: StepInfo, verify: bool | str, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
         path = self.checkpoint_path(info)
         config = self._owner_config(info)
@@ -425,7 +430,6 @@ class Run:
         if self._lock_fd is None:
             raise StoreError(f"run {self.name!r} is not open for writing")
         step = int(state["trainer"]["step"])
-        schema.check_finite(state, step)
         index = self._index or []
         old = next((info for info in index if info.step == step), None)
         reasons = [r for r in reasons if r != "repair"]  # a repair keeps the file's own reasons
@@ -436,6 +440,7 @@ class Run:
                 old.reasons, old.tags = merged_reasons, merged_tags
                 self._write_index(f"the index of step {step}")
                 return old
+            schema.check_finite(state, step)  # before anything is moved aside
             if step not in self._moved_aside:  # (a sharded commit moved it before its shards)
                 self._quarantine(old, notify)
             self._moved_aside.discard(step)
@@ -463,7 +468,9 @@ class Run:
         shard_bytes: list[int] = []
         extra = None if shards is None else (lambda f, m: shard_bytes.append(shards(f, m)))
         try:
-            info.checksum = write_checkpoint(tmp, state, summary, extra=extra)
+            # No non-finite weight or moment is ever committed: checked while the bytes go out.
+            check = lambda: schema.check_finite(state, step)  # noqa: E731
+            info.checksum = write_checkpoint(tmp, state, summary, extra=extra, check=check)
             info.bytes = tmp.stat().st_size + sum(shard_bytes)
             os.replace(tmp, final)
             fsync_dir(final.parent)
