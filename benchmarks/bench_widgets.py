@@ -6,11 +6,15 @@
 1. Training with a `Dashboard` listener vs without, side by side in one process, the two
    alternating within each round (`benchlib.alternate`), the ratio paired per round, median
    and range over >= 5 rounds; an event every step (log_every=1), the worst case.
-   Target: ratio <= 1.03. Printed for the tiny preset and for a micro model whose 1–2 ms
-   steps expose the per-event cost, with the PNG plot and (when ipympl is installed) with
-   ipympl's canvas as a connected front-end gets it (frames sent as changed pixels).
-   The dashboard's own time is printed split: its per-step work as a fraction of training,
-   and the two full draws every run pays once (the first picture, the final one).
+   Target: ratio <= 1.03. Printed for the tiny preset (150 steps, ~15 s: the longer run) and
+   for a micro model whose 1–2 ms steps expose the per-event cost (1,500 steps, ~2 s: the
+   short run), with the PNG plot and (when ipympl is installed) with ipympl's canvas as a
+   connected front-end gets it (frames sent as changed pixels). The dashboard draws on a
+   render thread of its own; printed apart: the listener's time in the training thread, the
+   render thread's drawing time (both as fractions of training; in CPython the second still
+   competes for the GIL), and, outside the training time, building the dashboard (its empty
+   first picture, made in the cell before training) and the wait after training for the final
+   picture (what `freeze()` at the end of a `%train` cell waits for).
 2. A slider move in the history browser on a run of 1,000 checkpoints (built by training a
    micro model with save_every=1): the time from setting the slider to the plot PNG and
    metadata being replaced, sample generation aside. Target: < 200 ms.
@@ -60,27 +64,20 @@ def _dashboard(interactive: bool, **kwargs) -> Dashboard:
 
 
 class _Timed:
-    """The dashboard as a listener, its own time split: the first and last event's redraws
-    (a full plot draw each, once per run) apart from the per-step work (folding, throttled
-    redraws) — the two costs scale differently with a run's length."""
+    """The dashboard as a listener, with the time its calls take in the training thread (the
+    drawing is on its render thread, whose time `Renderer.seconds` counts)."""
 
     def __init__(self, dashboard: Dashboard) -> None:
         self.dashboard = dashboard
-        self.seconds: dict[str, float] = {"first picture": 0.0, "per step": 0.0, "end": 0.0}
-        self._drawn = False
+        self.seconds = 0.0
+        self.drawing = 0.0  # the render thread's drawing time while training ran
+        self.plots = 0  # pictures drawn while training ran
+        self.end = 0.0  # after training: until the final line and picture are drawn
 
     def __call__(self, event) -> None:  # noqa: ANN001
         t0 = time.perf_counter()
-        draws = self.dashboard.plot.full_draws
         self.dashboard(event)
-        cost = time.perf_counter() - t0
-        if event.kind == "stop":
-            self.seconds["end"] += cost
-        elif not self._drawn and self.dashboard.plot.full_draws > draws:
-            self._drawn = True
-            self.seconds["first picture"] += cost
-        else:
-            self.seconds["per step"] += cost
+        self.seconds += time.perf_counter() - t0
 
 
 def _fit_seconds(setup, steps: int, listener: _Timed | None) -> float:
@@ -90,7 +87,17 @@ def _fit_seconds(setup, steps: int, listener: _Timed | None) -> float:
         trainer.listeners.append(listener)
     t0 = time.perf_counter()
     trainer.fit()
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if listener is not None:
+        renderer = listener.dashboard._renderer
+        listener.drawing = sum(renderer.seconds.values())
+        listener.plots = renderer.draws["plot"]
+        # What `freeze()` waits for at the end of a cell: the render thread's last picture.
+        # Outside the training time (training has ended), and before the next round starts.
+        t0 = time.perf_counter()
+        assert listener.dashboard.wait(timeout=120)
+        listener.end = time.perf_counter() - t0
+    return seconds
 
 
 def overhead(label: str, options: dict, steps: int, rounds: int, interactive: bool) -> None:
@@ -102,26 +109,34 @@ def overhead(label: str, options: dict, steps: int, rounds: int, interactive: bo
     _fit_seconds(setup, max(steps // 10, 5), None)
     _fit_seconds(setup, max(steps // 10, 5), _Timed(_dashboard(interactive, plot_interval=0)))
     timed: list[_Timed] = []
+    built: list[float] = []
 
     def shown() -> float:
+        t0 = time.perf_counter()
         timed.append(_Timed(_dashboard(interactive)))  # built untimed, as in a notebook cell
+        built.append(time.perf_counter() - t0)
         return _fit_seconds(setup, steps, timed[-1])
 
     times = alternate({"bare": lambda: _fit_seconds(setup, steps, None), "shown": shown}, rounds)
     dash = timed[-1].dashboard
-    split = {k: [t.seconds[k] for t in timed] for k in timed[0].seconds}
-    per_step = [t / b for t, b in zip(split.pop("per step"), times["bare"], strict=True)]
+    listener = [t.seconds / b for t, b in zip(timed, times["bare"], strict=True)]
+    drawing = [t.drawing / b for t, b in zip(timed, times["bare"], strict=True)]
+    plots = [t.plots for t in timed]
     plot = "ipympl canvas" if dash.plot.interactive else "PNG plot"
     print(
         f"{label}, {plot}: {steps} steps, {rounds} rounds, an event per step\n"
         f"  seconds without dashboard {spread(times['bare'])}, with {spread(times['shown'])}"
         f" ({steps / median(times['bare']):.0f} steps/s)\n"
-        f"  with / without {spread(ratios(times['shown'], times['bare']))} (target <= 1.03); "
-        f"last run drew text {dash.draws['text']}x, plot {dash.draws['plot']}x "
-        f"({dash.plot.full_draws} full draws)\n"
-        f"  the dashboard's own time: per-step work / training {spread(per_step)}; once per run:"
-        + "".join(f" {k} {spread(v)}s" for k, v in split.items())
+        f"  with / without {spread(ratios(times['shown'], times['bare']))} (target <= 1.03)\n"
+        f"  in the training thread: the listener / training {spread(listener)}; on the render "
+        f"thread while training: drawing / training {spread(drawing)}, the plot drawn "
+        f"{spread(plots, '{:.0f}')}x (last run in all: {dash.plot.full_draws} full draws, "
+        f"{dash.plot.layouts} layouts)\n"
+        f"  outside training: building the dashboard (its first, empty picture) "
+        f"{spread(built)}s; after training until the final picture {spread([t.end for t in timed])}s"
     )
+    for t in timed:
+        t.dashboard.close()
 
 
 def slider(folder: Path, n: int) -> None:

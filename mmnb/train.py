@@ -267,6 +267,7 @@ class Trainer:
         self.position = 0  # global sample index into this epoch's order
         self.tokens = 0  # tokens fed to the model
         self.elapsed = 0.0  # seconds spent training, summed over sessions
+        self._saved_threads: int | None = None  # of the checkpoint resumed from
         self.metrics: dict[str, list[float]] = {name: [] for name in self.metric_names}
         self.listeners: list[Callable[[Event], None]] = []
         # Called with (trainer, reasons, tags) at each checkpoint; returns what was saved.
@@ -385,6 +386,19 @@ class Trainer:
                 epoch_step=self.position // self.samples_per_step,
                 threads=torch.get_num_threads(),  # bitwise resume needs the same count
             )
+            threads = torch.get_num_threads()
+            if self._saved_threads not in (None, threads):
+                # CPU kernels split their reductions by thread count (inductor's compiled
+                # ones too): the continuation is exact only with the count it was trained with.
+                self.emit(
+                    "notice",
+                    text=f"the checkpoint of step {self.saved_step} was written with "
+                    f"{self._saved_threads} threads and this process has {threads}: training "
+                    "goes on, but not bitwise as it would have with "
+                    f"{self._saved_threads} (set OMP_NUM_THREADS={self._saved_threads} to "
+                    "continue exactly)",
+                )
+            self._saved_threads = None  # said once
             if cfg.compile and not self._compiled:
                 self.emit(
                     "notice",
@@ -807,6 +821,7 @@ class Trainer:
                 "elapsed": self.elapsed,
                 "world_size": par.world_size,
                 "mode": par.mode,
+                "threads": torch.get_num_threads(),  # a resume with another count warns
             },
             "metrics": {k: np.asarray(v, dtype=np.float64) for k, v in self.metrics.items()},
         }
@@ -827,6 +842,8 @@ class Trainer:
         t = sd["trainer"]
         self.step, self.epoch, self.tokens = int(t["step"]), int(t["epoch"]), int(t["tokens"])
         self.elapsed = float(t["elapsed"])
+        threads = t.get("threads")  # (checkpoints before it was recorded have none)
+        self._saved_threads = threads if isinstance(threads, int) and threads > 0 else None
         self.position = int(sd["data"]["position"])
         # A metric this objective logs and the checkpoint's did not (DPO's rewards after an LM
         # stage) is NaN for the steps before: every metric stays aligned with "step".

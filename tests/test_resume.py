@@ -185,3 +185,30 @@ def test_sigkill_loop_never_loses_a_committed_checkpoint(tmp_path, micro):
     assert store.run("crash").status() != "finished"
     mmnb("resume", "crash", "--store", store_path, "--no-sample", "--save-every", "0")
     assert_same_state(store.run("crash").load(), store.run("straight").load())
+
+
+def test_resume_with_another_thread_count_says_so(tmp_path, micro):
+    """Reductions split by thread count: a resume with a different count is not bitwise, and
+    says so once, naming the count to set; with the same count it says nothing."""
+    import torch
+
+    from mmnb import api
+
+    store = tmp_path / "s"
+    api.train("t", store=store, max_steps=6, stop_at=2, save_every=2, **micro)
+    threads = torch.get_num_threads()
+    assert Store(store).run("t").load(2)["trainer"]["threads"] == threads
+
+    def notices(**kw) -> list[str]:
+        seen = []
+        api.resume("t", store=store, listeners=[seen.append], **kw)
+        return [e.info["text"] for e in seen if e.kind == "notice"]
+
+    assert not [n for n in notices(stop_at=4) if "threads" in n]
+    torch.set_num_threads(threads + 1)  # (the autouse fixture restores the count)
+    said = [n for n in notices() if "threads" in n]
+    assert said == [
+        f"the checkpoint of step 4 was written with {threads} threads and this process has "
+        f"{threads + 1}: training goes on, but not bitwise as it would have with {threads} "
+        f"(set OMP_NUM_THREADS={threads} to continue exactly)"
+    ]

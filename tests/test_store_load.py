@@ -11,6 +11,7 @@ import torch
 
 import mmnb
 from mmnb.store import CorruptCheckpoint
+from mmnb.store.lazy import LazyDict, resolved
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
 
@@ -101,3 +102,52 @@ def test_resumed_trainer_owns_its_state(trained):
             assert not _inside(value, ranges)  # training never keeps the file mapped
     for tensor in trainer.model.state_dict().values():
         assert not _inside(tensor, ranges)
+
+
+def _flip(path, name: str, at: int = 5) -> None:
+    with h5py.File(path, "r") as f:
+        offset = f[name].id.get_offset()
+    with open(path, "r+b") as fh:  # a mantissa bit of the second value
+        fh.seek(offset + at)
+        byte = fh.read(1)
+        fh.seek(offset + at)
+        fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_lazy_load_equals_an_up_front_one_and_feeds_torch(trained):
+    run, _ = trained
+    eager = run.load(2)
+    lazy = run.load(2, verify="lazy")
+    assert isinstance(lazy["model"], LazyDict)
+    assert lazy["model"].unverified() == len(eager["model"])  # nothing read yet
+    assert lazy["trainer"] == eager["trainer"]  # JSON groups are plain, checked at load
+    plain = resolved(lazy)
+    assert lazy["model"].unverified() == 0
+    for name, tensor in _tensors(eager).items():
+        assert torch.equal(_tensors(plain)[name], tensor), name
+    # torch's own loaders take the lazy groups (each tensor verified as they take it)
+    trainer = run.trainer
+    fresh = run.load(2, verify="lazy")
+    trainer.model.load_state_dict(fresh["model"])
+    trainer.optimizer.load_state_dict(fresh["optim"])  # starts with state_dict.copy()
+    for name, tensor in eager["model"].items():
+        assert torch.equal(trainer.model.state_dict()[name], tensor), name
+
+
+def test_lazy_load_detects_a_flipped_byte_when_the_tensor_is_taken(trained):
+    run, path = trained
+    name = "model.layers.0.mlp.up_proj.weight"
+    _flip(path, f"model/{name}")
+    state = run.load(2, verify="lazy")  # the structure is intact: the load itself succeeds
+    other = next(k for k in state["model"] if k != name)
+    assert isinstance(state["model"][other], torch.Tensor)  # intact tensors are handed out
+    for take in (
+        lambda: state["model"][name],
+        lambda: dict(state["model"]),
+        lambda: list(state["model"].values()),
+        lambda: state["model"].copy(),
+        lambda: resolved(state),
+    ):
+        with pytest.raises(CorruptCheckpoint, match=rf"{path}.*checksum mismatch in /model/"):
+            take()
+    assert state["model"].unverified() == 1  # the corrupt tensor is never handed out

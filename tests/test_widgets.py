@@ -8,12 +8,16 @@ the threads that follow them), never with sleeps.
 from __future__ import annotations
 
 import base64
+import io
 import subprocess
 import sys
+import threading
 import types
 
 import ipywidgets as widgets
+import numpy as np
 import pytest
+from PIL import Image
 
 import mmnb
 from mmnb.store import StepInfo
@@ -60,6 +64,7 @@ def test_dashboard_shows_events_and_a_png():
     assert "run demo" in dash.text()  # learnt from the checkpoint event
     assert dash.checkpoints[-1] == (5, pytest.approx(4.5))
     dash(_events()[-1])  # stop forces a final draw, however recent the last one was
+    assert dash.wait(timeout=60)  # drawn by the render thread: wait() waits for it
     assert dash.bar.value == dash.bar.max == 10
     assert "step 10/10" in dash.label.value and "finished at step 10" in dash.label.value
     assert "#2e7d32" in dash.label.value  # green: finished
@@ -78,6 +83,7 @@ def test_dashboard_axes_follow_the_data_and_the_plan_end_is_a_marker():
     for step in range(1, 21):
         dash(Event("step", step, {"loss": 7 - step / 10, "lr": 1e-3, "tokens": 64 * step,
                                   "grad_norm": 1.0}))  # fmt: skip
+    assert dash.wait(timeout=60)
     ax = dash.plot.axes["loss"]
     x0, x1 = ax.get_xlim()
     assert (20 - 1) / (x1 - x0) >= 0.5  # the curve spans most of the width, not 20/4080
@@ -92,12 +98,15 @@ def test_dashboard_axes_follow_the_data_and_the_plan_end_is_a_marker():
     assert dash.plot.widget.layout.width == f"{width}px"
     # log scale and smoothing redraw at once
     dash.scale.value = True
+    assert dash.wait(timeout=60)
     assert ax.get_yscale() == "log"
     raw = dash.plot._artists["loss_raw"][1].get_data()[1]
     dash.smoothing.value = 0.9
+    assert dash.wait(timeout=60)
     smooth = dash.plot._artists["loss"][1].get_data()[1]
     assert smooth[-1] > raw[-1]  # a falling curve, smoothed, lags behind
     dash.smoothing.value = 0.0
+    assert dash.wait(timeout=60)
     assert not dash.plot._artists["loss_raw"][1].get_visible()
 
 
@@ -114,6 +123,7 @@ def test_dashboard_final_line_is_the_saved_state():
     text = dash.text()
     assert "step 24/4080" in text and "loss 4.9330" in text and "lr 1.90e-03" in text
     assert text.endswith("saved step 24 · interrupted: step 24 is saved")
+    assert dash.wait(timeout=60)
     assert dash.bar.bar_style == "warning" and "#ef6c00" in dash.label.value  # orange
     stopped = Dashboard()
     stopped(Event("start", 30, {"total": 100}))
@@ -123,6 +133,7 @@ def test_dashboard_final_line_is_the_saved_state():
     failed(Event("start", 0, {"total": 100}))
     failed(Event("stop", 3, {"reason": "failed", "error": "RuntimeError: boom"}))
     assert failed.text().endswith("failed after step 0: RuntimeError: boom")
+    assert failed.wait(timeout=60)
     assert failed.bar.bar_style == "danger"
     never = Dashboard()
     never.fail(ValueError("--lr must be positive"))
@@ -134,13 +145,17 @@ def test_dashboard_redraws_are_throttled():
     events = _events(total=500)[:-1]
     for event in events[:2]:  # the step-0 checkpoint, then start (which always draws)
         dash(event)
+    assert dash.wait(timeout=60)
     drawn = dict(dash.draws)
+    assert drawn["text"] >= 1
     for event in events[2:]:
         dash(event)
     assert dash.draws == drawn  # 500 steps within the intervals draw nothing more
     assert dash.text().startswith("run demo · step 500/500")  # the state is always current
     dash(Event("stop", 500, {"reason": "done"}))
+    assert dash.wait(timeout=60)
     assert dash.draws["plot"] == drawn["plot"] + 1 and "step 500/500" in dash.label.value
+    assert not dash._renderer.running  # the run has ended and is drawn: its thread is gone
 
 
 def test_dashboard_listener_errors_are_shown_and_training_goes_on():
@@ -185,7 +200,45 @@ def test_dashboard_attach_shows_history_before_the_session(store, micro):
     dash.attach(run)
     assert dash.history["step"] == list(range(1, 41))  # 1..20 from the store, 21..40 live
     assert [s for s, _ in dash.checkpoints][:3] == [0, 10, 20]
+    assert dash.wait(timeout=60)
+    assert list(dash.plot._artists["loss"][1].get_xdata()) == list(range(1, 41))
     assert bytes(dash.plot.widget.value).startswith(PNG)
+
+
+def test_dashboard_draws_off_the_training_thread_and_wait_shows_the_final_step(store, micro):
+    """The listener only folds events; the render thread draws. After the run and `wait()`,
+    the PNG's blue loss curve reaches the saved step's x, and the line names that step."""
+    dash = Dashboard(plot_interval=0, text_interval=0)  # as often as the budget allows
+    drawers: set[int] = set()
+    encode = dash.plot.png
+
+    def png() -> bytes:
+        drawers.add(threading.get_ident())
+        return encode()
+
+    dash.plot.png = png
+    run = mmnb.train("drawn", store=store, listeners=[dash], max_steps=30, **micro)
+    training = threading.get_ident()  # a blocking run calls its listeners in this thread
+    assert dash.wait(timeout=60)
+    assert drawers and training not in drawers  # every picture was made elsewhere
+    assert dash._renderer.thread_ids and training not in dash._renderer.thread_ids
+    saved = run.latest().step
+    assert saved == 30 and f"saved step {saved}" in dash.label.value
+    assert "finished at step 30" in dash.label.value
+    # What a person sees: the PNG shown has the loss curve up to the saved step.
+    ax = dash.plot.axes["loss"]
+    assert dash.plot._artists["loss"][1].get_xdata()[-1] == saved
+    assert ax.get_xlim()[0] <= saved <= ax.get_xlim()[1]
+    rgb = np.asarray(Image.open(io.BytesIO(bytes(dash.plot.widget.value))).convert("RGB"))
+    height = rgb.shape[0]
+    (x0, _), (x1, _) = ax.transData.transform([(1, 0), (saved, 0)])
+    box = ax.get_window_extent()  # the loss panel, in the PNG's pixels (y from the bottom)
+    panel = rgb[int(height - box.y1) : int(height - box.y0), int(box.x0) : int(box.x1)]
+    r, g, b = (panel[..., i].astype(int) for i in range(3))
+    blue = np.flatnonzero(((r < 110) & (g > 80) & (g < 160) & (b > 150)).any(axis=0))
+    assert abs(box.x0 + blue[-1] - x1) <= 4 and abs(box.x0 + blue[0] - x0) <= 4
+    assert not dash._renderer.running  # drawn and ended: the render thread is gone
+    dash.close()
 
 
 # ---- interactive plots (ipympl) and their static fallback ----
@@ -211,6 +264,7 @@ def test_interactive_dashboard_zooms_pans_and_reads_out_values():
     assert canvas.toolbar is not None and not canvas.header_visible
     dash(Event("start", 0, {"total": 4080, "steps_per_epoch": 408}))
     _feed(dash, range(1, 30))
+    assert dash.wait(timeout=60)
     frame = _frame(canvas)
     assert frame.startswith(PNG)  # the curves reached the canvas
     # ipympl scales by the device pixel ratio itself: the figure is at CSS resolution
@@ -223,6 +277,7 @@ def test_interactive_dashboard_zooms_pans_and_reads_out_values():
     ax.set_xlim(5, 10)
     canvas.draw()
     _feed(dash, range(30, 80))
+    assert dash.wait(timeout=60)
     assert ax.get_xlim() == (5, 10)
     assert dash.plot.axes["lr"].get_xlim()[1] >= 79
     # Hover: the footer reads out the step and the value under the pointer.
@@ -276,6 +331,7 @@ def test_interactive_compare_and_the_forced_static_fallback(tree, monkeypatch):
     assert isinstance(dash.plot.widget, widgets.Image)
     for event in _events():
         dash(event)
+    assert dash.wait(timeout=60)
     assert bytes(dash.plot.widget.value).startswith(PNG)
     monkeypatch.setenv("MMNB_PLOTS", "zoomy")
     with pytest.raises(ValueError, match="MMNB_PLOTS must be one of"):

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from . import h5guard, jsonio, schema, workers
-from .h5state import Checks, ChecksumError, checksum, read_tree, write_tree
+from .h5state import ChecksumError, checksum, read_tree, write_tree
 from .image import FileWriter, SparseImage
+from .lazy import Pending, resolve_all, wrap
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -122,7 +123,7 @@ def read_checkpoint(
     config: dict[str, Any],
     groups: tuple[str, ...],
     *,
-    verify: bool = True,
+    verify: bool | str = True,
     expect_step: int | None = None,
     expect_checksum: str | None = None,
     virtual_source: Callable[[str], str] | None = None,
@@ -131,9 +132,11 @@ def read_checkpoint(
 
     Raises ValueError/KeyError/OSError (and ChecksumError) on anything wrong; the caller names
     the file. `config` is the config dict of the run that wrote it: it decides what the
-    datasets may be.
+    datasets may be. `verify="lazy"`: every check but the tensors' checksums and finiteness,
+    which are made when each tensor is first taken out of the state (`store.lazy`).
     """
-    with workers.pool() as pool, h5py.File(path, "r", locking=False) as f:
+    lazy = verify == "lazy"
+    with h5py.File(path, "r", locking=False) as f:
         # Size and mapping come from the descriptor HDF5 reads, so they are of the same file
         # even if `path` is replaced meanwhile.
         fd = f.id.get_vfd_handle()
@@ -142,7 +145,6 @@ def read_checkpoint(
         # Copy-on-write: the arrays are writable and private; pages are shared with the page
         # cache until written. Committed files are never rewritten in place.
         mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY) if file_size else None
-        checks = Checks(pool)  # checksums on worker threads while the metadata is read
         state = {
             g: read_tree(
                 checked.objects,
@@ -150,19 +152,24 @@ def read_checkpoint(
                 g,
                 checked.rule,
                 file_size,
-                verify=verify,
+                verify=False,
                 virtual_source=virtual_source,
                 mapping=mapping,
-                checks=checks,
+                leaf=Pending if verify else None,
             )
             for g in checked.groups
         }
-        checks.wait()
-        # mmnb never commits non-finite weights or moments: a file holding some (under valid
-        # checksums) is crafted, and would only fail later, far from the file (in sampling).
-        name = schema.non_finite(state, mapper=lambda fn, xs: workers.map_batched(pool, fn, xs))
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
+    if lazy:
+        return wrap(state, path, mapping), checked.summary
+    if verify:
+        resolve_all(state, mapping)  # every checksum and finiteness check, on worker threads
+        return state, checked.summary
+    # mmnb never commits non-finite weights or moments: a file holding some (under valid
+    # checksums) is crafted, and would only fail later, far from the file (in sampling).
+    with workers.pool() as pool:
+        name = schema.non_finite(state, mapper=lambda fn, xs: workers.map_batched(pool, fn, xs))
     if name is not None:
         raise ValueError(f"{name} holds non-finite values")
     return state, checked.summary

@@ -17,7 +17,6 @@ import functools
 import math
 import mmap
 from collections.abc import Callable
-from concurrent.futures import Executor
 from typing import Any
 
 import h5py
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import xxhash
 
-from . import h5guard, jsonio, workers
+from . import h5guard, jsonio
 
 # torch dtypes whose bits are stored under another numpy type
 _BIT_VIEWS = {torch.bfloat16: (torch.int16, np.uint16)}
@@ -200,23 +199,6 @@ def verify_array(path: str, array: np.ndarray, entry: dict[str, Any]) -> None:
             raise ChecksumError(f"checksum mismatch in /{path} (shard {block.file})")
 
 
-class Checks:
-    """Datasets' checksums computed on worker threads while the caller reads on."""
-
-    def __init__(self, pool: Executor) -> None:
-        self.batched = workers.Batched(pool, checksum)
-        self.jobs: list[tuple[str, str | None, workers.Slot]] = []
-
-    def add(self, path: str, array: np.ndarray, expected: str | None) -> None:
-        self.jobs.append((path, expected, self.batched.submit(array, array.nbytes)))
-
-    def wait(self) -> None:
-        """Raise ChecksumError for the first dataset (in reading order) that does not match."""
-        for path, expected, job in self.jobs:
-            if job.result() != expected:
-                raise ChecksumError(f"checksum mismatch in /{path}")
-
-
 def read_tree(
     objects: dict[str, h5py.Group | h5py.Dataset],
     manifest: dict[str, dict[str, Any]],
@@ -228,14 +210,13 @@ def read_tree(
     virtual_source: Callable[[str], str] | None = None,
     lazy: Callable[[str, Any, dict[str, Any]], Any] | None = None,
     mapping: mmap.mmap | None = None,
-    checks: Checks | None = None,
+    leaf: Callable[[str, np.ndarray, dict[str, Any], str | None], Any] | None = None,
 ) -> dict[str, Any]:
     """The state under `prefix` (a top-level group), exactly as `manifest` lists it.
 
     With `mapping` (the whole file, mapped copy-on-write), a contiguous dataset's array is a
     view of its bytes in the mapping instead of a copy read through HDF5 (zero-copy load);
-    other layouts are read as usual. With `checks`, the datasets' checksums are left to it
-    (`Checks.wait` raises for a mismatch) instead of computed here.
+    other layouts are read as usual.
 
     `objects` maps paths to the file's objects (`h5guard.collect`, which checked the links).
 
@@ -243,7 +224,9 @@ def read_tree(
     (raising for anything the config does not allow) before the dataset is opened. With
     `verify`, every dataset's bytes and every `json` attribute are checked against the manifest.
     With `lazy`, a checked tensor dataset is not read: `lazy(path, rule, entry)` stands for it
-    (`store.sharded.load_lazy`, for a loader that reads only the rows it holds).
+    (`store.sharded.load_lazy`, for a loader that reads only the rows it holds). With `leaf`,
+    `leaf(path, array, entry, torch dtype)` stands for each dataset's unverified array
+    (`store.lazy`: verified when first used).
     """
     tree: dict[str, Any] = {}
     groups = manifest["groups"]
@@ -289,9 +272,10 @@ def read_tree(
             array = np.frombuffer(mapping, r.storage, count, offset).reshape(r.shape)
         else:
             array = h5guard.read_array(ds, r.storage, r.shape)  # (a sharded tensor: its shards)
-        if verify and checks is not None and "shards" not in entry:
-            checks.add(path, array, entry.get("xxh3"))
-        elif verify:
+        if leaf is not None:
+            node[key] = leaf(path, array, entry, r.torch_dtype)
+            continue
+        if verify:
             verify_array(path, array, entry)
         node[key] = numpy_to_tensor(array, r.torch_dtype) if r.torch_dtype else array
     return tree

@@ -244,20 +244,25 @@ class Run:
         self,
         step: int | None = None,
         *,
-        verify: bool = True,
+        verify: bool | str = True,
         groups: tuple[str, ...] = STATE_GROUPS,
     ) -> dict[str, Any]:
         """The full state of a checkpoint (newest readable one when `step` is None).
 
-        Checksums are verified. With `step=None` a corrupt checkpoint is skipped with a
-        warning naming its file, and the next older one is tried.
+        `verify=True`: every checksum and finiteness check is made before `load` returns.
+        `verify="lazy"`: the same checks, each tensor's when it is first taken out of the state
+        (`store.lazy`: groups with tensors are read-only `LazyDict`s; a corrupt tensor raises
+        CorruptCheckpoint at that access). `verify=False`: no checksums (structure and
+        finiteness are still checked). With `step=None` a corrupt checkpoint is skipped with a
+        warning naming its file, and the next older one is tried (lazily: only for what the
+        load itself checks).
         """
         if step is not None:
             return self._load_file(self.step_info(step), verify, groups)
         return self.load_newest(verify=verify, groups=groups)[0]
 
     def load_newest(
-        self, *, verify: bool = True, groups: tuple[str, ...] = STATE_GROUPS
+        self, *, verify: bool | str = True, groups: tuple[str, ...] = STATE_GROUPS
     ) -> tuple[dict[str, Any], list[int]]:
         """(state of the newest intact checkpoint, the newer steps skipped as corrupt)."""
         skipped: list[int] = []
@@ -286,7 +291,7 @@ class Run:
             raise CorruptCheckpoint(str(err)) from None
 
     def _load_file(
-        self, info: StepInfo, verify: bool, groups: tuple[str, ...] = STATE_GROUPS
+        self, info: StepInfo, verify: bool | str, groups: tuple[str, ...] = STATE_GROUPS
     ) -> dict[str, Any]:
         path = self.checkpoint_path(info)
         config = self._owner_config(info)

@@ -7,10 +7,14 @@
 
 It is a plain listener of `mmnb.train.Event`s, so it can be fed in process or from a run's
 event stream. Events arrive in the training thread (the kernel's main thread for a blocking
-run). The listener only updates widget traits — safe from any thread — and never prints. Its
-cost is bounded twice over: redraws are throttled (text every `text_interval`, the plot every
-`plot_interval` seconds), and after each redraw the next one waits long enough that drawing
-takes at most `budget` of the wall time, however slow drawing is on this machine.
+run). The listener only folds the event into the dashboard's state under its lock; drawing —
+the line, the figure and its PNG or ipympl frame — happens on the dashboard's own render thread
+(`render.Renderer`), from a copy of the state taken under the lock. Widget traits are set from
+that thread (ipykernel sends comm messages from any thread); nothing ever prints. Drawing is
+throttled (text every `text_interval`, the plot every `plot_interval` seconds) and, after each
+draw, waits until that draw is at most `budget` of the time since, however slow drawing is on
+this machine. `wait()` and `freeze()` draw everything received so far before they return, so a
+finished run's line and plot show its saved step.
 
 What it shows is the truth of the store at the end: a checkpoint event carries the step, loss
 and lr of what was saved, and the final line is that state ("stopped at step 39 as asked ·
@@ -37,9 +41,11 @@ from .fallback import StaticTwin
 from .layout import close_tree
 from .log import Log
 from .plots import Plot
+from .render import Renderer
 
 PANELS = ("loss", "lr", "grad norm", "tokens/s")
 RATE_WINDOW = 20  # steps over which tokens/s is averaged
+FLUSH_TIMEOUT = 30.0  # seconds a freeze waits for the render thread's last picture
 
 
 def _clock(seconds: float) -> str:
@@ -103,12 +109,20 @@ class Dashboard:
         self.checkpoints: list[tuple[int, float | None]] = []  # (step, loss) of committed ones
         self.saved: Any = None  # StepInfo of the newest checkpoint
         self._epoch_start = 0  # the step at which the current epoch began
-        self.draws = {"text": 0, "plot": 0}
         self._session: tuple[float, int, int] | None = None  # (time, step, tokens) at start
         self._clock0: float | None = None  # wall time of this session's first step event
         self._clock_base = 0.0  # training seconds before this session
-        self._next = {"text": 0.0, "plot": 0.0}  # earliest time of the next throttled redraw
-        self._lock = threading.RLock()  # events (training thread) vs attach/buttons (kernel)
+        # Events (training thread) vs the render thread, attach and buttons (kernel).
+        self._lock = threading.RLock()
+        self._renderer = Renderer(
+            self._lock,
+            self._prepare,
+            {"text": text_interval, "plot": plot_interval},
+            budget=budget,
+            ended=lambda: self.state != "training",
+            horizon=self._horizon,
+            on_error=lambda err: self.log.error(err, "dashboard (drawing)"),
+        )
         self._workers: list[threading.Thread] = []
         self.blocking = False  # trains in the cell's thread (set by the magics)
         self._plotted = False  # the plot has shown data
@@ -190,19 +204,28 @@ class Dashboard:
         self.twin = StaticTwin(self.view)  # what nbconvert and saved notebooks show
         # Clicks handled at once and in order, also while a cell blocks (see `comms`).
         self._served = serve(self.view)
+        # The empty panels at once, before training: the figure's layout is made here, in the
+        # cell, and what a full draw costs on this machine is known to the render budget.
+        started = time.perf_counter()
+        self.plot.show()
+        self._renderer.cost["plot"] = time.perf_counter() - started
+
+    @property
+    def draws(self) -> dict[str, int]:
+        """How often the line and the plot were drawn."""
+        return self._renderer.draws
 
     # ---- the listener ----
     def __call__(self, event: Event) -> None:
         # A failing display must never end the training that calls it: report and carry on.
         try:
             with self._lock:
-                forced = self._update(event)
-                self._redraw(force=forced)
+                self._renderer.changed(force=self._update(event))
         except Exception as err:
             self.log.error(err, f"dashboard ({event.kind} event)")
 
-    def _update(self, event: Event) -> bool:
-        """Fold `event` into the state; True when it must be shown at once."""
+    def _update(self, event: Event) -> tuple[str, ...]:
+        """Fold `event` into the state; what must be drawn at once ("text", "plot")."""
         info, now = event.info, time.perf_counter()
         if event.kind == "start":
             self.state, self.error = "training", None
@@ -215,10 +238,9 @@ class Dashboard:
             clock = self.history["clock"]
             self._clock_base = clock[-1] if clock else 0.0
             self.tokens_per_s = self.eta = None
-            self.plot.set_horizon(self.total)
-            self.plot.settle(False)  # headroom for a growing curve
+            self._renderer.start()
             self._enable(True)
-            return True
+            return ("text",)  # the curves when the render budget allows (see `render`)
         if event.kind == "step":
             self.step, self.loss, self.lr = event.step, info["loss"], info["lr"]
             self.tokens = int(info["tokens"])
@@ -239,10 +261,10 @@ class Dashboard:
                 self.tokens,
                 self._clock_base + (now - (self._clock0 or now)),
             )
-            return False
+            return ()
         if event.kind == "epoch":
             self.epoch, self._epoch_start = int(info["epoch"]), event.step
-            return False
+            return ()
         if event.kind == "checkpoint":
             saved = info.get("saved")
             if saved is not None:
@@ -261,22 +283,21 @@ class Dashboard:
                 self._note(f"saved step {saved.step} ({reasons_text(['requested'], saved.tags)})")
             # A requested checkpoint shows at once (training goes on); the last one of a run
             # (end, stop, interrupt) is followed by the stop event, whose redraw shows it.
-            return "requested" in reasons
+            return self._renderer.kinds if "requested" in reasons else ()
         if event.kind == "notice":
             self.notices.append(str(info["text"]))
             self.log.message(f"note: {info['text']}")
-            return True
+            return ("text",)
         if event.kind == "stop":
             self.state = str(info["reason"])
             self.error = info.get("error") or info.get("text")
             self.eta = None
             self._enable(False)
-            self.plot.settle()  # the final picture fits the data
             if self._stopping:  # "stopping … after this step" has happened: say so
                 self._note(f"stopped at step {self.step}, saved")
                 self._stopping = False
-            return True
-        return False
+            return self._renderer.kinds  # the final picture fits the data (`_draw_plot`)
+        return ()
 
     def _append(self, step, loss, lr, grad_norm, tokens, clock) -> None:  # noqa: ANN001
         h = self.history
@@ -285,61 +306,70 @@ class Dashboard:
             keep = next(i for i, s in enumerate(h["step"]) if s >= step)
             for values in h.values():
                 del values[keep:]
-        for key, value in zip(
-            ("step", "loss", "lr", "grad_norm", "tokens", "clock"),
-            (step, loss, lr, grad_norm, tokens, clock),
-            strict=True,
-        ):
-            h[key].append(float(value))
+        # One append per column (this runs at every step, in the training thread).
+        h["step"].append(float(step))
+        h["loss"].append(float(loss))
+        h["lr"].append(float(lr))
+        h["grad_norm"].append(float(grad_norm))
+        h["tokens"].append(float(tokens))
+        h["clock"].append(float(clock))
 
-    # ---- rendering ----
-    def _redraw(self, force: bool = False) -> None:
-        now = time.perf_counter()
-        if force or now >= self._next["text"]:
-            self._draw_text()
-            self._next["text"] = self._after(now, "text", self.text_interval)
-        now = time.perf_counter()
-        if force or now >= self._next["plot"]:
-            self._draw_plot()
-            self._next["plot"] = self._after(now, "plot", self.plot_interval)
+    # ---- rendering (prepared under the lock, drawn on the render thread) ----
+    def _horizon(self) -> float | None:
+        """The session's expected length in seconds: elapsed plus the ETA (render budget)."""
+        if self._clock0 is None or self.eta is None:
+            return None
+        return time.perf_counter() - self._clock0 + self.eta
 
-    def _after(self, started: float, kind: str, interval: float) -> float:
-        # Wait `interval`, or long enough that this redraw's cost is `budget` of the time.
-        cost = time.perf_counter() - started
-        self.draws[kind] += 1
-        return started + max(interval, cost / self.budget)
+    def _prepare(self, kinds: set[str]) -> dict[str, Any]:
+        """Copies of what `kinds` show, taken under the lock; the draws run outside it."""
+        draws: dict[str, Any] = {}
+        if "text" in kinds:
+            total = max(self.total, 1)
+            tone = colour(self.state)
+            label = (
+                f"<span style='color:{tone};font-weight:600'>"
+                f"{html.escape(state_text(self.state, self.step, {'error': self.error}))}</span>"
+                f" <code>{html.escape(self.text(with_state=False))}</code>"
+            )
+            bar = (total, min(self.step, total), BAR_STYLES.get(self.state, ""))
+            draws["text"] = lambda: self._draw_text(bar, label)
+        if "plot" in kinds and self.history["step"]:
+            data = {k: np.array(v, dtype=float) for k, v in self.history.items()}
+            marked = [(s, loss) for s, loss in self.checkpoints if loss is not None]
+            view = (self.total, self.state != "training", bool(self.scale.value))
+            smooth = float(self.smoothing.value)
+            draws["plot"] = lambda: self._draw_plot(data, marked, view, smooth)
+        return draws
 
-    def _draw_text(self) -> None:
-        self.bar.max = max(self.total, 1)
-        self.bar.value = min(self.step, self.bar.max)
-        self.bar.bar_style = BAR_STYLES.get(self.state, "")
-        tone = colour(self.state)
-        self.label.value = (
-            f"<span style='color:{tone};font-weight:600'>"
-            f"{html.escape(state_text(self.state, self.step, {'error': self.error}))}</span>"
-            f" <code>{html.escape(self.text(with_state=False))}</code>"
-        )
+    def _draw_text(self, bar: tuple[int, int, str], label: str) -> None:
+        with self.bar.hold_sync():  # one comm message for the bar's three traits
+            # The bar's max first: a value above the old max would be clipped.
+            self.bar.max, self.bar.value, self.bar.bar_style = bar
+        self.label.value = label
 
     def _view_changed(self) -> None:
         with self._lock:
-            self._draw_plot()
+            self._renderer.changed(force=("plot",))
 
-    def _draw_plot(self) -> None:
-        h = {k: np.asarray(v, dtype=float) for k, v in self.history.items()}
+    def _draw_plot(
+        self, h: dict[str, np.ndarray], marked: list, view: tuple, smooth: float
+    ) -> None:
+        total, settled, log = view
         steps = h["step"]
-        self.plot.set_log("loss", bool(self.scale.value))
-        smooth = float(self.smoothing.value)
-        self.plot.set("loss_raw", steps, h["loss"])
-        self.plot.set_visible("loss_raw", smooth > 0)
-        self.plot.set("loss", steps, ema(h["loss"], smooth))
-        self.plot.set("lr", steps, h["lr"])
-        self.plot.set("grad_norm", steps, h["grad_norm"])
-        self.plot.set("tokens/s", *rates(steps, h["tokens"], h["clock"]))
-        marked = [(s, loss) for s, loss in self.checkpoints if loss is not None]
-        self.plot.set("ckpt", [s for s, _ in marked], [loss for _, loss in marked])
-        if len(steps):
+        with self.plot.lock:  # one picture at a time (a snapshot, the user's navigation)
+            self.plot.set_horizon(total)
+            self.plot.settle(settled)  # the final picture fits the data, no headroom
+            self.plot.set_log("loss", log)
+            self.plot.set("loss_raw", steps, h["loss"])
+            self.plot.set_visible("loss_raw", smooth > 0)
+            self.plot.set("loss", steps, ema(h["loss"], smooth))
+            self.plot.set("lr", steps, h["lr"])
+            self.plot.set("grad_norm", steps, h["grad_norm"])
+            self.plot.set("tokens/s", *rates(steps, h["tokens"], h["clock"]))
+            self.plot.set("ckpt", [s for s, _ in marked], [loss for _, loss in marked])
             self.plot.show()
-            self._plotted = True
+        self._plotted = True
 
     def text(self, with_state: bool = True) -> str:
         """The one-line state (the text/plain fallback)."""
@@ -378,7 +408,7 @@ class Dashboard:
             if first is None or first > 1:
                 self._prepend(run, first)
             self._enable(self.state in ("waiting", "training") and run.trainer is not None)
-            self._redraw(force=True)
+            self._renderer.changed(force=self._renderer.kinds)
         return self
 
     def _prepend(self, run: Run, before: int | None) -> None:
@@ -471,7 +501,7 @@ class Dashboard:
                 if not self.error:
                     self.error = type(err).__name__
             self._enable(False)
-            self._redraw(force=True)
+            self._renderer.changed(force=self._renderer.kinds)
 
     def discard(self) -> None:
         """Nothing was trained (the call failed on its input): remove the dashboard."""
@@ -481,10 +511,14 @@ class Dashboard:
         if self.twin.handle is not None:
             self.twin.handle.update({"text/plain": ""}, raw=True)
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Wait for Checkpoint-now requests in flight (tests, scripts)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for Checkpoint-now requests in flight, then draw everything received so far
+        (the line and the plot show the latest event); False if `timeout` passed first."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
         for worker in list(self._workers):
             worker.join(timeout)
+        left = None if deadline is None else max(deadline - time.perf_counter(), 0.0)
+        return self._renderer.flush(left) and not any(w.is_alive() for w in self._workers)
 
     # ---- display ----
     def show(self) -> Dashboard:
@@ -500,6 +534,8 @@ class Dashboard:
         notebook, nbconvert's HTML or a viewer without widgets shows how training ended, not
         its first frame: the twin's line and plot (hidden wherever the widget itself renders),
         or its text in a text viewer."""
+        self._renderer.flush(FLUSH_TIMEOUT)  # the final line and picture, drawn
+        self._renderer.stop()
         if self.handle is None:
             return
         # The line once: in the twin (its text for text viewers); the widget output says
@@ -509,8 +545,9 @@ class Dashboard:
 
     def static_html(self) -> str:
         """The state as plain HTML: the line (its state in colour) and the plot image."""
+        self._renderer.flush(FLUSH_TIMEOUT)  # the picture of the latest event
         state = state_text(self.state, self.step, {"error": self.error})
-        with self._lock:
+        with self.plot.lock:
             image = self.plot.snapshot() if self._plotted else b""
         css_w, _ = self.plot.css_size
         img = (
@@ -536,6 +573,7 @@ class Dashboard:
 
     def close(self) -> None:
         """Close every widget (the front-end drops the view) and release the figure."""
+        self._renderer.stop()
         close_tree(self.view)
         self.plot.figure.clear()
 

@@ -6,7 +6,10 @@ global figure list or the notebook's inline backend, and drawing works from any 
 Readable and crisp: the figure is laid out at `width` x `height` inches of 100 CSS pixels and
 rendered at `scale` times that (2 by default), and the image is shown at its CSS size, so it
 stays sharp on a high-DPI screen (device pixel ratio up to `scale`) and text is ~12 px at 100 %
-zoom. Constrained layout keeps every tick label and title inside the image.
+zoom. Constrained layout keeps every tick label and title inside the image; it costs as much
+as the drawing itself, so it runs only when the texts it makes room for change length (the
+longest tick label, an axis offset like 1e-3, titles, labels, legends: `_text_key`) and for a
+settled (final) picture, and full draws in between reuse the axes' positions.
 
 Axes follow the data, as TensorBoard's do: x spans the steps drawn so far (plus headroom), not
 the planned total; a known horizon (`set_horizon`) is a faint dashed line when it is in view
@@ -24,12 +27,16 @@ installed and the front-end can show it (`interactive.enabled`) — ipympl's can
 pan and a hover readout (step and value). The user's zoom or pan of a panel holds while new
 data arrive (the panel stops following the data) until the toolbar's Home. `show()` pushes the
 current state to either; `snapshot()` is a 2x PNG for static fallbacks (saved notebooks).
+PNGs are unfiltered RGB compressed by zlib (`encode_png`): a third of PIL's time, and zlib runs
+with the GIL released, so a render thread's encoding does not hold up a training thread.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import threading
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,8 +44,8 @@ import ipywidgets as w
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import LogFormatter, MaxNLocator
-from PIL import Image
 
 from . import interactive as _interactive
 
@@ -68,10 +75,11 @@ class Plot:
         self.interactive = _interactive.enabled(interactive)
         # ipympl renders at the device pixel ratio itself: its figure is at CSS resolution.
         self.scale = 1.0 if self.interactive else scale
-        self.figure = Figure(
-            figsize=(width, height), dpi=CSS_DPI * self.scale, layout="constrained"
-        )
-        self.figure.get_layout_engine().set(w_pad=0.04, h_pad=0.04, wspace=0.03, hspace=0.05)
+        self.figure = Figure(figsize=(width, height), dpi=CSS_DPI * self.scale, layout="none")
+        # Run by `_full_draw` when the texts it makes room for change (see the docstring).
+        self._layout = ConstrainedLayoutEngine(w_pad=0.04, h_pad=0.04, wspace=0.03, hspace=0.05)
+        self._layout_key: Any = None
+        self.layouts = 0  # how often the layout ran
         FigureCanvasAgg(self.figure)
         # Drawing from a training thread vs the user's navigation (ipympl's messages).
         self.lock = threading.RLock()
@@ -253,17 +261,14 @@ class Plot:
         with self.lock:
             self.render()
             width, height = self.canvas.get_width_height(physical=True)
-            image = Image.frombuffer("RGBA", (width, height), self.canvas.buffer_rgba(), "raw")
-            out = io.BytesIO()
-            # Level 1: a few ms instead of tens; these images live for seconds.
-            image.save(out, format="png", compress_level=1)
-            return out.getvalue()
+            return encode_png(self.canvas.buffer_rgba(), width, height)
 
     def snapshot(self) -> bytes:
         """A PNG at 2x the CSS size, curves included: the static fallback of a saved output."""
         with self.lock:
             if not self.interactive:
                 return self.png()
+            self._lay_out()  # the axes' positions as the 2x image needs them
             live = [a for _, a, static in self._artists.values() if not static]
             for artist in live:
                 artist.set_animated(False)  # savefig leaves animated artists out
@@ -341,12 +346,41 @@ class Plot:
                 ax.set_ylim(max(low, 0.0) if lo_y >= 0 else low, hi_y + pad * yspan)
             self._auto[panel] = (ax.get_xlim(), ax.get_ylim())
             self._mark_horizon(panel, ax)
+        self._lay_out(always=self._settled)
         self.full_draws += 1
         # Agg's own draw (ipympl's would send a frame without the curves); animated artists
         # are skipped: the background holds the rest.
         FigureCanvasAgg.draw(self.canvas)
         self._background = self.canvas.copy_from_bbox(self.figure.bbox)
         self._background_size = self.canvas.get_width_height(physical=True)
+
+    def _lay_out(self, always: bool = False) -> None:
+        """Constrained layout, when the texts it makes room for changed since it last ran."""
+        key = self._text_key()
+        if always or key != self._layout_key:
+            self._layout.execute(self.figure)
+            self._layout_key = key
+            self.layouts += 1
+
+    def _text_key(self) -> tuple:
+        """What the layout depends on: per panel its titles and labels, and per axis the
+        longest tick label (in characters) and the offset text, for the limits now set."""
+        key: list[Any] = []
+        for ax in self.axes.values():
+            key += [ax.get_title(loc="right"), ax.get_xlabel(), ax.get_ylabel()]
+            legend = ax.get_legend()
+            if legend is not None:
+                key.append(tuple(t.get_text() for t in legend.get_texts()))
+            for axis in (ax.xaxis, ax.yaxis):
+                lo, hi = sorted(axis.get_view_interval())
+                for ticker, locs in (
+                    (axis.major, axis.get_majorticklocs()),
+                    (axis.minor, axis.get_minorticklocs() if axis.get_scale() == "log" else ()),
+                ):
+                    shown = [x for x in locs if lo <= x <= hi]
+                    labels = ticker.formatter.format_ticks(shown) if shown else []
+                    key += [max(map(len, labels), default=0), ticker.formatter.get_offset()]
+        return tuple(key)
 
     def _mark_horizon(self, panel: str, ax: Any) -> None:
         line = self._horizon_lines.pop(panel, None)
@@ -357,6 +391,30 @@ class Plot:
             self._horizon_lines[panel] = ax.axvline(
                 self._horizon, color="#888888", linestyle="--", linewidth=1.0, alpha=0.5
             )
+
+
+def encode_png(rgba: Any, width: int, height: int) -> bytes:
+    """An RGBA buffer (Agg's, an opaque figure) as an RGB PNG: unfiltered rows compressed by
+    zlib at level 1 — a few ms for a 2x dashboard, most of it with the GIL released (PIL's
+    encoder takes three times as long, filtering in C that holds it)."""
+    pixels = np.frombuffer(rgba, dtype=np.uint8).reshape(height, width, 4)
+    rows = np.zeros((height, 1 + 3 * width), dtype=np.uint8)  # a 0 (no filter) before each row
+    np.reshape(rows[:, 1:], (height, width, 3), copy=False)[...] = pixels[..., :3]
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            chunk(b"IHDR", header),
+            chunk(b"IDAT", zlib.compress(rows.data, 1)),
+            chunk(b"IEND", b""),
+        )
+    )
 
 
 def _readout(title: str) -> Any:
