@@ -40,26 +40,19 @@ import torch
 import benchlib
 import mmnb
 from mmnb import safetensors_format
+from mmnb.durable import fsync
 from mmnb.export import export
 from mmnb.store import streamed
 
 TARGET = "export (store -> folder, warm) / (save_pretrained + fsync) < 1"
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_folder(folder: Path) -> None:
     """What export does for durability: every file, the folder, and the folder's parent."""
     for file in folder.iterdir():
-        _fsync(file)
-    _fsync(folder)
-    _fsync(folder.parent)
+        fsync(file)
+    fsync(folder)
+    fsync(folder.parent)
 
 
 def _read_through(path: Path) -> None:

@@ -35,10 +35,10 @@ from torch import Tensor
 from . import __version__, hf, lora
 from . import safetensors_format as sf
 from .config import ModelConfig, TrainConfig, config_from_dict, config_to_dict
+from .durable import fsync
 from .frozen import checkpoint_weights
 from .store import Run
 from .store.errors import describe_os_error
-from .store.runfile import fsync_dir
 from .store.streamed import Streamed
 from .tokenizer import Tokenizer
 
@@ -143,18 +143,10 @@ def _temporary(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}.tmp")
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, target: Path) -> None:
     """Rename a complete, fsynced `tmp` to `target` and make the rename durable."""
     os.replace(tmp, target)
-    fsync_dir(target.parent)
+    fsync(target.parent)
 
 
 def write_minimind(state: dict[str, Tensor], target: Path, dtype: torch.dtype) -> int:
@@ -162,7 +154,7 @@ def write_minimind(state: dict[str, Tensor], target: Path, dtype: torch.dtype) -
     tmp = _temporary(target)
     try:
         torch.save({k: v.detach().to("cpu", dtype) for k, v in state.items()}, tmp)
-        _fsync(tmp)
+        fsync(tmp)
         _publish(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -220,8 +212,8 @@ def write_hf(
             tmp / "model.safetensors", hf.to_hf(_cast(state, dtype), cfg), {"format": "pt"}
         )
         for name in texts:
-            _fsync(tmp / name)
-        fsync_dir(tmp)
+            fsync(tmp / name)
+        fsync(tmp)
         _publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

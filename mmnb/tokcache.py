@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .durable import fsync
 from .records import Progress, iter_records
 from .tokenizer import BOS_TOKEN, ROLES, Tokenizer
 
@@ -106,14 +107,14 @@ def prepare(
     try:
         kind = _write(data_path, tokenizer, tmp, dtype, data_fp, progress)
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is ordinary shared data
-        _fsync(tmp)
+        fsync(tmp)
         try:
             os.rename(tmp, entry)
         except OSError as err:
             if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             shutil.rmtree(tmp)  # another process finished the same entry first: use theirs
-        _fsync(entry.parent)
+        fsync(entry.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -255,14 +256,6 @@ class _Encoders:
             np.asarray(lengths, dtype=np.int64),
             np.asarray(supervised, dtype=np.uint8),
         )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_abandoned(folder: Path) -> None:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..durable import fsync
 from . import confine, schema
 from .ckptfile import STATE_GROUPS, read_checkpoint, read_summary, write_checkpoint
 from .confine import lock_run_folder, remove_path
@@ -38,7 +39,6 @@ from .runfile import (
     RUN_FILE,
     StepInfo,
     checkpoint_file,
-    fsync_dir,
     read_run_file,
     step_info,
     step_name,
@@ -473,7 +473,7 @@ class Run:
             info.checksum = write_checkpoint(tmp, state, summary, extra=extra, check=check)
             info.bytes = tmp.stat().st_size + sum(shard_bytes)
             os.replace(tmp, final)
-            fsync_dir(final.parent)
+            fsync(final.parent)
         except OSError as err:
             discard(tmp)
             raise self._write_error(err, f"step {step} to {final}", index) from None
@@ -513,7 +513,7 @@ class Run:
             for old in [path, *shard_files(path.parent, info.step)]:
                 if os.path.lexists(old):
                     os.replace(old, old.with_name(old.name + ".corrupt"))
-            fsync_dir(path.parent)
+            fsync(path.parent)
         except OSError as err:
             raise self._write_error(err, f"step {info.step} to {path}", self._index or []) from None
         text = f"checkpoint {path} was corrupt; moved to {path.name}.corrupt and rewritten"

@@ -20,6 +20,7 @@ from typing import Any
 
 import h5py
 
+from ..durable import fsync
 from . import confine, h5guard, jsonio
 from .ckptfile import FORMAT_VERSION, check_version
 from .h5state import ChecksumError, checksum
@@ -231,15 +232,7 @@ def write_run_file(folder: Path, meta: dict[str, Any], index: list[StepInfo]) ->
     try:
         write_file(tmp, image, [])
         os.replace(tmp, final)
-        fsync_dir(folder)
+        fsync(folder)
     except BaseException:
         discard(tmp)
         raise
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

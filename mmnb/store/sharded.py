@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 import torch
 
+from ..durable import fsync
 from . import h5guard, schema
 from .h5state import ChecksumError, checksum, numpy_to_tensor, tensor_to_numpy
 
@@ -99,14 +100,6 @@ def _local_rows(path: str, tensor: Any) -> tuple[int, int]:
     return offsets[0], offsets[0] + sizes[0]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_shard(
     folder: Path, step: int, rank: int, world_size: int, sharded: dict[str, Any]
 ) -> tuple[list[ShardEntry], int]:
@@ -143,9 +136,9 @@ def write_shard(
             f.attrs["step"] = step
             f.attrs["rank"] = rank
             f.attrs["world_size"] = world_size
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync(folder)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

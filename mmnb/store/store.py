@@ -18,11 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from ..durable import fsync
 from . import confine
 from .confine import lock_run_folder, remove_path
 from .errors import StoreError, StoreWriteError, describe_os_error, reason
 from .run import CKPT_DIR, RUN_FILE, Run, StepInfo, checkpoint_file
-from .runfile import fsync_dir, write_run_file
+from .runfile import write_run_file
 
 STORE_LOCK = ".lock"
 LOCK_TIMEOUT = 60.0  # the store lock is held for milliseconds (index reads, renames, unlinks)
@@ -223,7 +224,7 @@ class Store:
                 write_run_file(tmp, meta, inherited)
                 fd = lock_run_folder(tmp, name) if writer else None
                 os.rename(tmp, folder)
-                fsync_dir(self.path)
+                fsync(self.path)
             except OSError as err:
                 if fd is not None:
                     os.close(fd)
