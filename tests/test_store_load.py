@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 
 import h5py
@@ -151,3 +152,21 @@ def test_lazy_load_detects_a_flipped_byte_when_the_tensor_is_taken(trained):
         with pytest.raises(CorruptCheckpoint, match=rf"{path}.*checksum mismatch in /model/"):
             take()
     assert state["model"].unverified() == 1  # the corrupt tensor is never handed out
+
+
+@pytest.mark.parametrize("verify", [True, "lazy", False])
+def test_a_dropped_state_unmaps_the_file_at_once(trained, verify):
+    """No reference cycle keeps a load's mapping alive until the garbage collector runs: the
+    file's pages are released when the state is (retention can free its space)."""
+    run, path = trained
+    gc.disable()
+    try:
+        state = run.load(2, verify=verify)
+        weight = state["model"]["model.layers.0.mlp.up_proj.weight"]
+        assert _mapped_ranges(path)
+        del state
+        assert _mapped_ranges(path)  # a tensor taken out keeps its view valid
+        del weight
+        assert not _mapped_ranges(path)
+    finally:
+        gc.enable()

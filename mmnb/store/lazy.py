@@ -155,16 +155,18 @@ def _attempt(pending: Pending) -> tuple[Any, BaseException | None]:
 def wrap(state: dict[str, Any], path: Path, mapping: mmap.mmap | None) -> dict[str, Any]:
     """`state` with every dict that holds a `Pending` (at any depth) as a `LazyDict`."""
     source = _Source(path, mapping)
+    return {group: _convert(values, source) for group, values in state.items()}
 
-    def convert(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        items = {k: convert(v) for k, v in node.items()}
-        if any(isinstance(v, (Pending, LazyDict)) for v in items.values()):
-            return LazyDict(items, source)
-        return items
 
-    return {group: convert(values) for group, values in state.items()}
+def _convert(node: Any, source: _Source) -> Any:
+    # (Not a closure calling itself: that is a reference cycle, which would keep the source,
+    # and so the file's mapping, alive until the garbage collector runs.)
+    if not isinstance(node, dict):
+        return node
+    items = {k: _convert(v, source) for k, v in node.items()}
+    if any(isinstance(v, (Pending, LazyDict)) for v in items.values()):
+        return LazyDict(items, source)
+    return items
 
 
 def resolved(state: Mapping[str, Any]) -> dict[str, Any]:
