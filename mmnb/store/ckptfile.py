@@ -162,9 +162,9 @@ def read_checkpoint(
     for group, values in state.items():
         _check_json_tree(group, values, checked.spec, checked.step)
     if lazy:
-        return wrap(state, path, mapping), checked.summary
+        return wrap(state, path), checked.summary
     if verify:
-        resolve_all(state, mapping)  # every checksum and finiteness check, on worker threads
+        resolve_all(state)  # every checksum and finiteness check, on worker threads
         return state, checked.summary
     # mmnb never commits non-finite weights or moments: a file holding some (under valid
     # checksums) is crafted, and would only fail later, far from the file (in sampling).

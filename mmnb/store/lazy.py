@@ -16,7 +16,6 @@ and `to_dict()` verify everything below on worker threads and give plain dicts, 
 
 from __future__ import annotations
 
-import mmap
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -54,8 +53,8 @@ class Pending:
 class _Source:
     """What the `LazyDict`s of one load share: the file (for messages) and one lock."""
 
-    def __init__(self, path: Path, mapping: mmap.mmap | None) -> None:
-        self.path, self.mapping = path, mapping
+    def __init__(self, path: Path) -> None:
+        self.path = path
         self.lock = threading.Lock()
 
     def resolve(self, pending: Pending) -> Any:
@@ -101,7 +100,7 @@ class LazyDict(Mapping):
         """Everything below, verified (on worker threads), as plain nested dicts."""
         with self._source.lock:
             try:
-                resolve_all(self._items, self._source.mapping)
+                resolve_all(self._items)
             except (ChecksumError, ValueError) as err:
                 raise self._source.corrupt(err) from None
         return self._plain()
@@ -115,7 +114,7 @@ class LazyDict(Mapping):
         return f"<LazyDict of {len(self)} entries, {self.unverified()} tensors not yet verified>"
 
 
-def resolve_all(tree: dict[str, Any], mapping: mmap.mmap | None = None) -> None:
+def resolve_all(tree: dict[str, Any]) -> None:
     """Verify every `Pending` below `tree` (dicts and `LazyDict`s) on worker threads and put
     its value in its place; then raise the first failure (ChecksumError or ValueError), in
     reading order, if any. The rest stay verified."""
@@ -131,8 +130,6 @@ def resolve_all(tree: dict[str, Any], mapping: mmap.mmap | None = None) -> None:
                 stack.append(value)
     if not todo:
         return
-    if mapping is not None and hasattr(mmap, "MADV_WILLNEED"):
-        mapping.madvise(mmap.MADV_WILLNEED)  # the kernel reads ahead in large requests
     todo.sort(key=lambda job: job[2].path)
     with workers.pool() as pool:
         done = workers.map_batched(pool, _attempt, [pending for _, _, pending in todo])
@@ -152,9 +149,9 @@ def _attempt(pending: Pending) -> tuple[Any, BaseException | None]:
         return None, err
 
 
-def wrap(state: dict[str, Any], path: Path, mapping: mmap.mmap | None) -> dict[str, Any]:
+def wrap(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """`state` with every dict that holds a `Pending` (at any depth) as a `LazyDict`."""
-    source = _Source(path, mapping)
+    source = _Source(path)
     return {group: _convert(values, source) for group, values in state.items()}
 
 
