@@ -254,6 +254,25 @@ def _frame(canvas) -> bytes:
     return base64.b64decode(canvas._data_url.removeprefix("data:image/png;base64,"))
 
 
+def test_interactive_frames_are_whole_pictures(monkeypatch):
+    """ipympl's front-end drops a frame that has not loaded when the next arrives: mmnb pushes
+    frames unasked, so each must be a whole picture, never a diff against a frame that may
+    have been dropped (a short run then ended showing its empty first frame in Notebook 7)."""
+    pytest.importorskip("ipympl", reason="ipympl is not installed (pip install mmnb[interactive])")
+    dash = Dashboard(interactive=True, plot_interval=0, budget=1.0)
+    canvas = dash.plot.widget
+    canvas.syncing_data_url = False  # a front-end is there: frames go out as messages
+    modes = []
+    monkeypatch.setattr(canvas, "send", lambda *a, **k: modes.append(canvas._image_mode))
+    dash(Event("start", 0, {"total": 40, "steps_per_epoch": 40}))
+    for upto in (10, 20, 30):
+        _feed(dash, range(upto - 9, upto + 1))
+        assert dash.wait(timeout=60)
+    canvas.draw()  # what a front-end's own request draws
+    assert len(modes) >= 4 and set(modes) == {"full"}
+    dash.close()
+
+
 def test_interactive_dashboard_zooms_pans_and_reads_out_values():
     pytest.importorskip("ipympl", reason="ipympl is not installed (pip install mmnb[interactive])")
     from ipympl.backend_nbagg import Canvas

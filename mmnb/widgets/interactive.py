@@ -88,8 +88,17 @@ def _canvas_class() -> type:
         def draw(self) -> None:  # a full draw: navigation, a resize, a new front-end
             with self._plot.lock:
                 self._plot.render(full=True)
-                self._png_is_old = True
-                self.manager.refresh_all()
+                self.push()
+
+        def push(self) -> None:
+            """Send the buffer to the front-end as a whole picture, never a diff: frames are
+            pushed without waiting for the front-end to ask, and ipympl's front-end drops a
+            frame that has not loaded when the next one arrives (it revokes its URL), so a
+            diff against a dropped frame would be drawn over an older picture (a short run
+            then ended showing its empty first frame)."""
+            self._force_full = True
+            self._png_is_old = True
+            self.manager.refresh_all()
 
         def _handle_message(self, obj: Any, content: Any, buffers: Any) -> None:
             with self._plot.lock:

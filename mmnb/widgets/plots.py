@@ -237,7 +237,7 @@ class Plot:
         with self.lock:
             if self.interactive:
                 self.render()
-                self.canvas.blit()  # ipympl: sends the changed pixels to the front-end
+                self.canvas.push()  # ipympl: sends the picture to the front-end
             else:
                 self.widget.value = self.png()
 
