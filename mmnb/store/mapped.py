@@ -22,6 +22,25 @@ from .errors import CorruptCheckpoint, reason
 from .h5state import as_bytes, checksum
 
 
+def checked_layout(
+    path: Path,
+    config: dict[str, Any],
+    group: str,
+    expect_step: int | None,
+    expect_checksum: str | None,
+) -> list | None:
+    """`ckptfile.layout` for a reader that passes the bytes on (this module, `streamed`), with
+    anything a load would refuse as one CorruptCheckpoint naming the file."""
+    from .run import PARSE_ERRORS
+
+    try:
+        return layout(path, config, group, expect_step=expect_step, expect_checksum=expect_checksum)
+    except PARSE_ERRORS as err:
+        raise CorruptCheckpoint(
+            f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
+        ) from None
+
+
 def mapped_group(
     path: Path,
     group: str,
@@ -36,16 +55,7 @@ def mapped_group(
     Raises CorruptCheckpoint naming the file for anything a load would refuse; None when the
     group is not laid out as `write_tree` writes it.
     """
-    from .run import PARSE_ERRORS
-
-    try:
-        entries = layout(
-            path, config, group, expect_step=expect_step, expect_checksum=expect_checksum
-        )
-    except PARSE_ERRORS as err:
-        raise CorruptCheckpoint(
-            f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
-        ) from None
+    entries = checked_layout(path, config, group, expect_step, expect_checksum)
     if entries is None:
         return None
     out: dict[str, tuple[np.ndarray, str | None]] = {}

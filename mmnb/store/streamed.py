@@ -26,10 +26,9 @@ import numpy as np
 import torch
 import xxhash
 
-from .ckptfile import layout
 from .errors import CorruptCheckpoint, reason
 from .h5state import numpy_to_tensor
-from .mapped import all_finite
+from .mapped import all_finite, checked_layout
 
 if TYPE_CHECKING:
     from .run import Run
@@ -181,16 +180,7 @@ def streamed_group(
     Raises CorruptCheckpoint naming the file for anything a load would refuse; None when the
     group is not laid out as `write_tree` writes it (the caller falls back to `Run.load`).
     """
-    from .run import PARSE_ERRORS
-
-    try:
-        entries = layout(
-            path, config, group, expect_step=expect_step, expect_checksum=expect_checksum
-        )
-    except PARSE_ERRORS as err:
-        raise CorruptCheckpoint(
-            f"checkpoint {path} is unreadable or corrupt ({reason(err)})"
-        ) from None
+    entries = checked_layout(path, config, group, expect_step, expect_checksum)
     if entries is None:
         return None
     reader = _Reader(path)
