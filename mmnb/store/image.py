@@ -97,7 +97,7 @@ def write_file(path: Path, image: SparseImage, raw: list[tuple[int, np.ndarray]]
 
 
 class FileWriter:
-    """Creates a file and writes arrays into it on a writer thread while the caller goes on
+    """Creates a file and writes arrays into it on writer threads while the caller goes on
     laying the file out (and checking the state): the disk and the CPU work at the same time.
 
     `put(offset, array)` hands over an array as soon as HDF5 has allocated its bytes;
